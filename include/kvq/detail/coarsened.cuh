@@ -1,0 +1,27 @@
+// kvq/detail/coarsened.cuh: the coarsened strategy (several elements per thread, in registers).
+//
+// Each thread owns kItems scalar elements per chunk, strided by the block size so every load is
+// coalesced; group amax values combine with warp reductions and shared-memory atomics. Wins over
+// naive everywhere (no global atomics, no 64-bit division per element); loses to vectorized
+// because every element is its own memory instruction. It is also what vectorized becomes when
+// no operand allows a wider access.
+#pragma once
+
+#include <kvq/detail/tile_kernels.cuh>
+
+namespace kvq {
+namespace detail {
+inline namespace v0_1 {
+
+struct CoarsenedPolicy {
+  static constexpr int kThreads = 256;
+  static constexpr int kItems = 8;          // 2048 elements per chunk
+  static constexpr int kVectorBytes = 1;    // scalar accesses
+  static constexpr bool kStageInShared = false;
+};
+
+using CoarsenedStrategy = TileStrategy<CoarsenedPolicy>;
+
+}  // namespace v0_1
+}  // namespace detail
+}  // namespace kvq

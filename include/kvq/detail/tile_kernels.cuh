@@ -1,0 +1,413 @@
+// kvq/detail/tile_kernels.cuh: the tile kernels behind the tiled, coarsened and vectorized strategies.
+//
+// One block owns one tile at a time (see tile_plan.cuh). A strategy is a policy: threads per block,
+// units per thread per chunk (coarsening), vector width V, and whether a chunk is staged in shared
+// memory (tiled) or held in registers (coarsened, vectorized). Group amax values meet in shared
+// memory as bits with atomicMax, which is exact and independent of order, so every strategy
+// produces the reference's scales bit for bit.
+#pragma once
+
+#include <kvq/detail/tile_plan.cuh>
+#include <kvq/device.cuh>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace kvq {
+namespace detail {
+inline namespace v0_1 {
+
+using device::Fragment;
+
+/// Where one tile lies in the view.
+struct TileCoord {
+  std::int64_t row0;       // per-token: first flattened row; per-channel: first token
+  std::int64_t b;          // per-channel: batch
+  std::int64_t scale_row;  // per-channel: token group
+  std::int64_t c0;         // first channel
+  int rows, cols;
+};
+
+/// Decodes tile `tile`; false when it holds nothing (sub-blocks past a ragged last group).
+__device__ inline bool tile_coord(const TilePlan& p, std::int64_t tile, TileCoord& tc) {
+  const std::int64_t ct = tile % p.col_tiles;
+  const std::int64_t rest = tile / p.col_tiles;
+  tc.c0 = ct * p.tile_cols;
+  tc.cols = static_cast<int>(min(p.tile_cols, p.channels - tc.c0));
+  if (p.per_token) {
+    tc.b = 0;
+    tc.scale_row = 0;
+    tc.row0 = rest * p.tile_rows;
+    tc.rows = static_cast<int>(min(p.tile_rows, p.batch * p.tokens - tc.row0));
+  } else {
+    const std::int64_t rb = rest % p.row_blocks;
+    tc.b = rest / p.row_blocks;
+    tc.scale_row = rb / p.sub_blocks;
+    tc.row0 = tc.scale_row * p.group + (rb % p.sub_blocks) * p.tile_rows;
+    const std::int64_t group_end = min((tc.scale_row + 1) * p.group, p.tokens);
+    tc.rows = static_cast<int>(max(std::int64_t{0}, min(p.tile_rows, group_end - tc.row0)));
+  }
+  return tc.rows > 0;
+}
+
+/// Element offset of (row_local, channel c0) of a tile.
+template <bool kPerToken>
+__device__ inline std::int64_t row_offset(const TilePlan& p, const TileCoord& tc, int row_local) {
+  if constexpr (kPerToken) {
+    const std::int64_t r = tc.row0 + row_local;
+    std::int64_t b, t;
+    if (r < INT32_MAX && p.tokens < INT32_MAX) {
+      std::uint32_t q, m;
+      p.token_div.divmod(static_cast<std::uint32_t>(r), q, m);
+      b = q;
+      t = m;
+    } else {
+      b = r / p.tokens;
+      t = r % p.tokens;
+    }
+    return b * p.batch_stride + t * p.token_stride + tc.c0;
+  } else {
+    return tc.b * p.batch_stride + (tc.row0 + row_local) * p.token_stride + tc.c0;
+  }
+}
+
+/// Index into the scale tensor of slot s of a tile, or -1 when the slot lies outside the view.
+template <bool kPerToken>
+__device__ inline std::int64_t slot_scale_index(const TilePlan& p, const TileCoord& tc, int s) {
+  if constexpr (kPerToken) {
+    const int row_local = s / p.slots_per_row, g = s % p.slots_per_row;
+    if (row_local >= tc.rows || static_cast<std::int64_t>(g) * p.group >= tc.cols) return -1;
+    return (tc.row0 + row_local) * p.groups + tc.c0 / p.group + g;
+  } else {
+    if (s >= tc.cols) return -1;
+    return (tc.b * p.groups + tc.scale_row) * p.channels + tc.c0 + s;
+  }
+}
+
+/// One unit (V consecutive channels of one row) of a tile; n = 0 when the unit is outside it.
+struct Unit {
+  int row_local;
+  int col;  // channel offset from the tile's c0
+  int n;    // valid elements, V for a full unit
+  std::int64_t offset;
+};
+
+template <int V, bool kPerToken>
+__device__ inline Unit unit_at(const TilePlan& p, const TileCoord& tc, int u) {
+  Unit un{0, 0, 0, 0};
+  if (u >= p.units) return un;
+  std::uint32_t row_local, vec;
+  p.unit_div.divmod(static_cast<std::uint32_t>(u), row_local, vec);
+  un.row_local = static_cast<int>(row_local);
+  un.col = static_cast<int>(vec) * V;
+  if (un.row_local >= tc.rows || un.col >= tc.cols) return un;
+  un.n = min(V, tc.cols - un.col);
+  un.offset = row_offset<kPerToken>(p, tc, un.row_local) + un.col;
+  return un;
+}
+
+/// A full unit is one vector access; a partial one (row tail) is read element by element and
+/// padded with zeros, which are finite and never raise an amax.
+template <int V, class E>
+__device__ inline Fragment<E, V> load_unit(const E* base, const Unit& u) {
+  if (u.n == V) return device::load<V>(base + u.offset);
+  Fragment<E, V> f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) f[j] = j < u.n ? base[u.offset + j] : E{};
+  return f;
+}
+
+template <int V, class E>
+__device__ inline void store_unit(E* base, const Unit& u, const Fragment<E, V>& f) {
+  if (u.n == V) {
+    device::store<V>(base + u.offset, f);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    if (j < u.n) base[u.offset + j] = f[j];
+}
+
+/// Per-token: the slot of a unit's first element, and how many elements remain in that group.
+struct UnitSlot {
+  int slot;
+  std::int64_t run;
+};
+
+__device__ inline UnitSlot per_token_slot(const TilePlan& p, const Unit& u) {
+  const std::uint32_t g = p.group_div.div(static_cast<std::uint32_t>(u.col));
+  return UnitSlot{u.row_local * p.slots_per_row + static_cast<int>(g),
+                  static_cast<std::int64_t>(g + 1) * p.group - u.col};
+}
+
+/// Scale of each element of a unit, read from the tile's slots.
+template <int V, bool kPerToken>
+__device__ inline Fragment<float, V> unit_scales(const TilePlan& p, const Unit& u, const std::uint32_t* slot_bits) {
+  Fragment<float, V> sc;
+  if constexpr (kPerToken) {
+    const UnitSlot us = per_token_slot(p, u);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int s = j < us.run ? us.slot : us.slot + 1 + static_cast<int>(p.group_div.div(j - us.run));
+      sc[j] = j < u.n ? bits_to_float(slot_bits[s]) : 1.0f;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) sc[j] = j < u.n ? bits_to_float(slot_bits[u.col + j]) : 1.0f;
+  }
+  return sc;
+}
+
+/// Shared memory of one tile kernel: slots, and the staged chunk for the tiled strategy.
+template <class Policy, class E, int V>
+struct TileStorage {
+  static constexpr int kStaged = Policy::kStageInShared ? Policy::kThreads * Policy::kItems : 1;
+  std::uint32_t slot_bits[kMaxSlots];
+  Fragment<E, V> stage[kStaged];
+};
+
+/// Computes the scales of every tile (TileMode::kScales, optionally writing codes too when q is not
+/// null) or merges each tile's group amax into `scales` as bits (TileMode::kAtomicAmax; the buffer
+/// must be zeroed first and finalized after).
+template <class Policy, int V, bool kPerToken, class T>
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads)
+    scales_kernel(const T* __restrict__ x,  // view (batch, tokens, channels)
+                  TilePlan p, TileMode mode,
+                  float* __restrict__ scales,  // scale_shape(view, spec)
+                  std::int8_t* __restrict__ q,  // same view as x, or null
+                  unsigned long long* nonfinite) {  // optional counter
+  constexpr int kThreads = Policy::kThreads, kItems = Policy::kItems, kChunk = kThreads * kItems;
+  __shared__ TileStorage<Policy, T, V> sm;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % kWarpSize;
+  unsigned long long bad = 0;
+
+  for (std::int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    TileCoord tc;
+    if (!tile_coord(p, tile, tc)) continue;  // the same for the whole block
+    for (int s = tid; s < p.slots; s += kThreads) sm.slot_bits[s] = 0;
+    __syncthreads();
+
+    // Sweep 1: amax of every slot. A one-chunk tile stays in registers (or the stage) for sweep 2.
+    Fragment<T, V> held[kItems];
+    std::uint32_t colmax[V] = {};
+    for (int chunk = 0; chunk < p.chunks; ++chunk) {
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
+        Fragment<T, V> f = load_unit<V>(x, u);
+        if constexpr (Policy::kStageInShared) {
+          sm.stage[k * kThreads + tid] = f;
+          f = sm.stage[k * kThreads + tid];
+        } else {
+          held[k] = f;
+        }
+        if (nonfinite != nullptr) bad += device::count_nonfinite(f);
+        if constexpr (kPerToken) {
+          std::uint32_t run_max = 0;
+          int slot = -1;
+          if (u.n > 0) {
+            const UnitSlot us = per_token_slot(p, u);
+            slot = us.slot;
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              if (j >= u.n) continue;
+              const std::uint32_t a = finite_abs_bits(to_float(f[j]));
+              if (j < us.run)
+                run_max = max(run_max, a);
+              else  // a group boundary inside the vector: rare, only when V does not divide the group
+                atomicMax(&sm.slot_bits[slot + 1 + static_cast<int>(p.group_div.div(j - us.run))], a);
+            }
+          }
+          // Lanes holding the same slot (usually the whole warp) combine before one atomic.
+          const unsigned peers = __match_any_sync(kFullMask, slot);
+          const std::uint32_t m = device::warp_max_bits(run_max, peers);
+          if (slot >= 0 && lane == __ffs(peers) - 1) atomicMax(&sm.slot_bits[slot], m);
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) colmax[j] = max(colmax[j], finite_abs_bits(to_float(f[j])));
+        }
+      }
+    }
+    if constexpr (!kPerToken) {
+      // Every unit of this thread lies in the same V channels (vecs_per_row divides kThreads);
+      // lanes that share channels are vecs_per_row apart.
+      const int wv = p.vecs_per_row;
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        for (int off = kWarpSize / 2; off >= wv; off /= 2) colmax[j] = max(colmax[j], __shfl_xor_sync(kFullMask, colmax[j], off));
+      const int col = (tid % wv) * V;
+      if (lane < wv)
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (col + j < tc.cols && colmax[j] != 0) atomicMax(&sm.slot_bits[col + j], colmax[j]);
+    }
+    __syncthreads();
+
+    for (int s = tid; s < p.slots; s += kThreads) {
+      const std::int64_t idx = slot_scale_index<kPerToken>(p, tc, s);
+      const std::uint32_t bits = sm.slot_bits[s];
+      if (mode == TileMode::kAtomicAmax) {
+        if (idx >= 0 && bits != 0) atomicMax(reinterpret_cast<unsigned int*>(scales) + idx, bits);
+      } else {
+        const float scale = scale_from_amax(bits_to_float(bits));
+        sm.slot_bits[s] = float_bits(scale);
+        if (idx >= 0) scales[idx] = scale;
+      }
+    }
+
+    if (q != nullptr) {  // sweep 2: codes
+      __syncthreads();
+      for (int chunk = 0; chunk < p.chunks; ++chunk) {
+#pragma unroll
+        for (int k = 0; k < kItems; ++k) {
+          const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
+          if (u.n == 0) continue;
+          Fragment<T, V> f;
+          if (p.chunks > 1)
+            f = load_unit<V>(x, u);
+          else if constexpr (Policy::kStageInShared)
+            f = sm.stage[k * kThreads + tid];
+          else
+            f = held[k];
+          store_unit<V>(q, u, device::quantize<V>(f, unit_scales<V, kPerToken>(p, u, sm.slot_bits)));
+        }
+      }
+    }
+    __syncthreads();  // the slots are reused by the next tile
+  }
+  if (bad != 0) atomicAdd(nonfinite, bad);
+}
+
+/// Codes under given scales (In = T, Out = int8), or values of codes (In = int8, Out = T).
+template <class Policy, int V, bool kPerToken, class In, class Out>
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads)
+    apply_kernel(const In* __restrict__ in,  // view (batch, tokens, channels)
+                 const float* __restrict__ scales,  // scale_shape(view, spec)
+                 TilePlan p,
+                 Out* __restrict__ out,  // same view
+                 unsigned long long* nonfinite) {  // optional counter (quantize only)
+  constexpr int kThreads = Policy::kThreads, kItems = Policy::kItems, kChunk = kThreads * kItems;
+  constexpr bool kDequantize = std::is_same_v<In, std::int8_t>;
+  __shared__ TileStorage<Policy, In, V> sm;
+  const int tid = static_cast<int>(threadIdx.x);
+  unsigned long long bad = 0;
+
+  for (std::int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    TileCoord tc;
+    if (!tile_coord(p, tile, tc)) continue;
+    for (int s = tid; s < p.slots; s += kThreads) {
+      const std::int64_t idx = slot_scale_index<kPerToken>(p, tc, s);
+      sm.slot_bits[s] = float_bits(idx >= 0 ? sanitize_scale(scales[idx]) : 1.0f);
+    }
+    __syncthreads();
+    for (int chunk = 0; chunk < p.chunks; ++chunk) {
+      Fragment<In, V> held[kItems];
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
+        held[k] = load_unit<V>(in, u);
+        if constexpr (Policy::kStageInShared) sm.stage[k * kThreads + tid] = held[k];
+      }
+      if constexpr (Policy::kStageInShared) __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
+        if (u.n == 0) continue;
+        const Fragment<In, V> f = Policy::kStageInShared ? sm.stage[k * kThreads + tid] : held[k];
+        const Fragment<float, V> sc = unit_scales<V, kPerToken>(p, u, sm.slot_bits);
+        if constexpr (kDequantize) {
+          store_unit<V>(out, u, device::dequantize<Out, V>(f, sc));
+        } else {
+          if (nonfinite != nullptr) bad += device::count_nonfinite(f);
+          store_unit<V>(out, u, device::quantize<V>(f, sc));
+        }
+      }
+      if constexpr (Policy::kStageInShared) __syncthreads();
+    }
+    __syncthreads();
+  }
+  if (bad != 0) atomicAdd(nonfinite, bad);
+}
+
+/// scales[i] <- scale_from_amax(amax whose bits scales[i] holds): the end of the two-pass path.
+KVQ_KERNEL void finalize_scales_kernel(float* __restrict__ scales, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    scales[i] = scale_from_amax(scales[i]);
+}
+
+/// Blocks for a grid-stride loop over `work` items: all of them up to the hardware limit.
+inline unsigned grid_for(std::int64_t work) {
+  return static_cast<unsigned>(std::min<std::int64_t>(std::max<std::int64_t>(work, 1), std::int64_t{1} << 30));
+}
+
+inline cudaError_t finalize_scales(float* scales, std::int64_t n, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  finalize_scales_kernel<<<grid_for(ceil_div<std::int64_t>(n, kThreads)), kThreads, 0, stream>>>(scales, n);
+  return check_launch();
+}
+
+/// Launches the tile kernels of one strategy at a vector width chosen from the operands' alignment.
+template <class Policy>
+struct TileStrategy {
+  template <int V, class T>
+  static cudaError_t scales_at(const T* x, const KvView& view, const QuantSpec& spec, TileMode mode, float* scales,
+                               std::int8_t* q, cudaStream_t stream) {
+    const TilePlan p = plan_tiles(view, spec, mode, Policy::kThreads, Policy::kItems, V, sizeof(T));
+    const unsigned grid = grid_for(p.tiles);
+    if (p.per_token)
+      scales_kernel<Policy, V, true><<<grid, Policy::kThreads, 0, stream>>>(x, p, mode, scales, q, spec.nonfinite_count);
+    else
+      scales_kernel<Policy, V, false><<<grid, Policy::kThreads, 0, stream>>>(x, p, mode, scales, q, spec.nonfinite_count);
+    return check_launch();
+  }
+
+  template <int V, class In, class Out>
+  static cudaError_t apply_at(const In* in, const float* scales, const KvView& view, const QuantSpec& spec, Out* out,
+                              cudaStream_t stream) {
+    constexpr int kElemBytes = sizeof(In) > sizeof(Out) ? sizeof(In) : sizeof(Out);
+    const TilePlan p = plan_tiles(view, spec, TileMode::kApply, Policy::kThreads, Policy::kItems, V, kElemBytes);
+    const unsigned grid = grid_for(p.tiles);
+    unsigned long long* counter = std::is_same_v<In, std::int8_t> ? nullptr : spec.nonfinite_count;
+    if (p.per_token)
+      apply_kernel<Policy, V, true><<<grid, Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
+    else
+      apply_kernel<Policy, V, false><<<grid, Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
+    return check_launch();
+  }
+
+  /// Widest vector (of at most Policy::kVectorBytes of T) that every operand allows.
+  template <class T>
+  static int vector_width(const KvView& view, const void* t_ptr, const void* q_ptr) {
+    constexpr int kMax = Policy::kVectorBytes / static_cast<int>(sizeof(T)) > 0 ? Policy::kVectorBytes / static_cast<int>(sizeof(T)) : 1;
+    return choose_vector_width(view, kMax, t_ptr, sizeof(T), q_ptr, 1);
+  }
+
+  template <class T>
+  static cudaError_t scales(const T* x, const KvView& view, const QuantSpec& spec, TileMode mode, float* scales,
+                            std::int8_t* q, cudaStream_t stream) {
+    switch (vector_width<T>(view, x, q != nullptr ? static_cast<const void*>(q) : static_cast<const void*>(x))) {
+      case 8: if constexpr (Policy::kVectorBytes / sizeof(T) >= 8) return scales_at<8>(x, view, spec, mode, scales, q, stream); [[fallthrough]];
+      case 4: if constexpr (Policy::kVectorBytes / sizeof(T) >= 4) return scales_at<4>(x, view, spec, mode, scales, q, stream); [[fallthrough]];
+      case 2: if constexpr (Policy::kVectorBytes / sizeof(T) >= 2) return scales_at<2>(x, view, spec, mode, scales, q, stream); [[fallthrough]];
+      default: return scales_at<1>(x, view, spec, mode, scales, q, stream);
+    }
+  }
+
+  template <class T, class In, class Out>
+  static cudaError_t apply(const In* in, const float* scales, const KvView& view, const QuantSpec& spec, Out* out,
+                           cudaStream_t stream) {
+    const void* t_ptr = std::is_same_v<In, std::int8_t> ? static_cast<const void*>(out) : static_cast<const void*>(in);
+    const void* q_ptr = std::is_same_v<In, std::int8_t> ? static_cast<const void*>(in) : static_cast<const void*>(out);
+    switch (vector_width<T>(view, t_ptr, q_ptr)) {
+      case 8: if constexpr (Policy::kVectorBytes / sizeof(T) >= 8) return apply_at<8>(in, scales, view, spec, out, stream); [[fallthrough]];
+      case 4: if constexpr (Policy::kVectorBytes / sizeof(T) >= 4) return apply_at<4>(in, scales, view, spec, out, stream); [[fallthrough]];
+      case 2: if constexpr (Policy::kVectorBytes / sizeof(T) >= 2) return apply_at<2>(in, scales, view, spec, out, stream); [[fallthrough]];
+      default: return apply_at<1>(in, scales, view, spec, out, stream);
+    }
+  }
+};
+
+}  // namespace v0_1
+}  // namespace detail
+}  // namespace kvq

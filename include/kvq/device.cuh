@@ -1,0 +1,133 @@
+// kvq/device.cuh: device-side building blocks for engines that quantize inside their own kernels
+// (cache writes) and dequantize inside their own attention kernels.
+//
+// Same numeric contract as the host API, bit for bit: the host API's kernels are built from these
+// functions. Everything here is __device__ and header-only; nothing allocates or synchronizes
+// beyond the warp it is called from.
+#pragma once
+
+#include <kvq/detail/config.cuh>
+#include <kvq/numerics.hpp>
+
+#include <cstdint>
+
+namespace kvq {
+namespace device {
+
+/// N elements of E with the alignment of the whole array, so that a load or store of it is one
+/// N * sizeof(E)-byte access (N * sizeof(E) in {1, 2, 4, 8, 16}).
+template <class E, int N>
+struct alignas(sizeof(E) * N) Fragment {
+  E v[N];
+  __host__ __device__ E& operator[](int i) { return v[i]; }
+  __host__ __device__ const E& operator[](int i) const { return v[i]; }
+};
+
+/// One vector load; `p` must be aligned to sizeof(E) * N.
+template <int N, class E>
+__device__ inline Fragment<E, N> load(const E* p) {
+  return *reinterpret_cast<const Fragment<E, N>*>(p);
+}
+
+/// One vector store; `p` must be aligned to sizeof(E) * N.
+template <int N, class E>
+__device__ inline void store(E* p, const Fragment<E, N>& f) {
+  *reinterpret_cast<Fragment<E, N>*>(p) = f;
+}
+
+/// Codes of N values under one scale (from scale_from_amax or sanitize_scale).
+template <int N, class T>
+__device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, float scale) {
+  Fragment<std::int8_t, N> q;
+#pragma unroll
+  for (int i = 0; i < N; ++i) q[i] = quantize_value(to_float(x[i]), scale);
+  return q;
+}
+
+/// Codes of N values, each under its own scale (per-channel scales of N consecutive channels).
+template <int N, class T>
+__device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, const Fragment<float, N>& scale) {
+  Fragment<std::int8_t, N> q;
+#pragma unroll
+  for (int i = 0; i < N; ++i) q[i] = quantize_value(to_float(x[i]), scale[i]);
+  return q;
+}
+
+/// Values of N codes under one scale, rounded to T.
+template <class T, int N>
+__device__ inline Fragment<T, N> dequantize(const Fragment<std::int8_t, N>& q, float scale) {
+  Fragment<T, N> y;
+#pragma unroll
+  for (int i = 0; i < N; ++i) y[i] = dequantize_value<T>(q[i], scale);
+  return y;
+}
+
+/// Values of N codes, each under its own scale.
+template <class T, int N>
+__device__ inline Fragment<T, N> dequantize(const Fragment<std::int8_t, N>& q, const Fragment<float, N>& scale) {
+  Fragment<T, N> y;
+#pragma unroll
+  for (int i = 0; i < N; ++i) y[i] = dequantize_value<T>(q[i], scale[i]);
+  return y;
+}
+
+/// Bits of the largest finite |x| in a fragment (0 if none); see float_bits for why bits.
+template <int N, class T>
+__device__ inline std::uint32_t amax_bits(const Fragment<T, N>& x) {
+  std::uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) m = max(m, finite_abs_bits(to_float(x[i])));
+  return m;
+}
+
+/// Number of NaN/Inf values in a fragment.
+template <int N, class T>
+__device__ inline int count_nonfinite(const Fragment<T, N>& x) {
+  int n = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) n += !is_finite(to_float(x[i]));
+  return n;
+}
+
+/// Max over the lanes in `mask` of amax bits; every lane in `mask` gets the result. Exact and
+/// independent of lane order.
+__device__ inline std::uint32_t warp_max_bits(std::uint32_t bits, unsigned mask = detail::kFullMask) {
+  return __reduce_max_sync(mask, bits);
+}
+
+/// Warp-level amax of a row fragment: each lane passes its local amax (of finite |x|, as a float),
+/// every lane gets the row's.
+__device__ inline float warp_amax(float local_amax, unsigned mask = detail::kFullMask) {
+  return bits_to_float(warp_max_bits(finite_abs_bits(local_amax), mask));
+}
+
+/// One warp quantizes one row of n values with one scale of its own, and returns that scale (every
+/// lane gets it; lane 0 also stores it to *scale_out when scale_out is not null). All 32 lanes must
+/// call it. Reads the row twice (amax, then codes); the second read is served by L1/L2 for the row
+/// sizes of a KV cache. Any alignment and any n >= 0.
+template <class T>
+__device__ inline float quantize_row_warp(const T* x,       // (n)
+                                          std::int64_t n,
+                                          std::int8_t* q,    // (n)
+                                          float* scale_out) {  // (1) or null
+  const int lane = static_cast<int>(threadIdx.x) % detail::kWarpSize;
+  std::uint32_t m = 0;
+  for (std::int64_t i = lane; i < n; i += detail::kWarpSize) m = max(m, finite_abs_bits(to_float(x[i])));
+  const float scale = scale_from_amax(bits_to_float(warp_max_bits(m)));
+  for (std::int64_t i = lane; i < n; i += detail::kWarpSize) q[i] = quantize_value(to_float(x[i]), scale);
+  if (lane == 0 && scale_out != nullptr) *scale_out = scale;
+  return scale;
+}
+
+/// One warp dequantizes one row of n codes under one scale (any alignment, any n >= 0).
+template <class T>
+__device__ inline void dequantize_row_warp(const std::int8_t* q,  // (n)
+                                           std::int64_t n, float scale,
+                                           T* y) {  // (n)
+  const int lane = static_cast<int>(threadIdx.x) % detail::kWarpSize;
+  scale = sanitize_scale(scale);
+  for (std::int64_t i = lane; i < n; i += detail::kWarpSize) y[i] = dequantize_value<T>(q[i], scale);
+}
+
+}  // namespace device
+}  // namespace kvq

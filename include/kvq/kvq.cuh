@@ -1,0 +1,16 @@
+// kvq/kvq.cuh: the whole public API of kvq.
+//
+//   types.hpp      KvView, QuantSpec, Granularity, Variant, scale_shape(), validate()
+//   numerics.hpp   the numeric contract (scale rule, rounding, saturation, NaN/Inf)
+//   quantize.cuh   host API: compute_scales, quantize, quantize_with_scales, dequantize
+//   device.cuh     device-side building blocks for engines' own kernels
+//   reference.hpp  CPU reference of every operation
+//   metrics.hpp    error metrics
+#pragma once
+
+#include <kvq/device.cuh>
+#include <kvq/metrics.hpp>
+#include <kvq/numerics.hpp>
+#include <kvq/quantize.cuh>
+#include <kvq/reference.hpp>
+#include <kvq/types.hpp>

@@ -1,0 +1,129 @@
+// kvq/numerics.hpp: the numeric contract, one definition for the CPU reference and every GPU path.
+//
+//   scale  = amax / 127 (IEEE fp32 division), amax over the finite values of the group;
+//            a scale that comes out 0 (all-zero group, no finite value, or amax / 127 underflowing)
+//            is 1, so such a group has codes 0 and dequantizes to exact zeros.
+//   q      = saturate(round_half_to_even(x / scale)) in [-127, 127], IEEE division, clamp BEFORE
+//            narrowing (__float2int_rn(127.5f) is 128); NaN -> 0, +Inf -> 127, -Inf -> -127.
+//   y      = float(q) * scale (one IEEE multiply), rounded to the output type (round to nearest even).
+//   A given scale (quantize_with_scales, dequantize) that is not positive and finite is read as 1.
+//   fp16 / bf16 inputs are widened to fp32 exactly before any arithmetic.
+//
+// No step can be contracted into an FMA and none depends on the rounding mode of the host beyond
+// the default round-to-nearest-even, so nvcc (without --use_fast_math) and g++ agree bit for bit.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+#ifndef __CUDA_ARCH__
+#include <cmath>
+#endif
+
+namespace kvq {
+
+/// The symmetric int8 code range.
+struct Int8Codes {
+  static constexpr int kMax = 127;
+  static constexpr float kMaxF = 127.0f;
+};
+
+/// Bits of an fp32 value. For non-negative floats the unsigned order of the bits is the numeric
+/// order, which makes amax reductions exact, order-free and usable with integer atomicMax.
+__host__ __device__ inline std::uint32_t float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+__host__ __device__ inline float bits_to_float(std::uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+constexpr std::uint32_t kAbsMask = 0x7fffffffu;
+constexpr std::uint32_t kInfBits = 0x7f800000u;
+
+__host__ __device__ inline bool is_finite(float x) { return (float_bits(x) & kAbsMask) < kInfBits; }
+
+/// |x| as bits when x is finite, 0 otherwise: the contribution of x to its group's amax.
+__host__ __device__ inline std::uint32_t finite_abs_bits(float x) {
+  const std::uint32_t a = float_bits(x) & kAbsMask;
+  return a < kInfBits ? a : 0u;
+}
+
+/// Exact widening of every supported input type to fp32.
+__host__ __device__ inline float to_float(float x) { return x; }
+__host__ __device__ inline float to_float(__half x) { return __half2float(x); }
+__host__ __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+/// Round-to-nearest-even narrowing from fp32 to an output type.
+template <class T>
+__host__ __device__ inline T from_float(float x);
+template <>
+__host__ __device__ inline float from_float<float>(float x) { return x; }
+template <>
+__host__ __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__host__ __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__host__ __device__ inline float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+__host__ __device__ inline float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+/// The scale of a group from its amax (the max of |x| over its finite values, 0 if none).
+__host__ __device__ inline float scale_from_amax(float amax) {
+  const float s = div_rn(amax, Int8Codes::kMaxF);
+  return s > 0.0f ? s : 1.0f;
+}
+
+/// A scale as every operation reads it: anything but a positive finite number is 1.
+__host__ __device__ inline float sanitize_scale(float s) { return (s > 0.0f && is_finite(s)) ? s : 1.0f; }
+
+/// Saturating round-half-to-even of a quotient to an int8 code. Clamps first, then rounds.
+__host__ __device__ inline std::int8_t saturate_round(float v) {
+  if (v != v) return 0;  // NaN
+  v = v < -Int8Codes::kMaxF ? -Int8Codes::kMaxF : v;
+  v = v > Int8Codes::kMaxF ? Int8Codes::kMaxF : v;
+#ifdef __CUDA_ARCH__
+  return static_cast<std::int8_t>(__float2int_rn(v));
+#else
+  return static_cast<std::int8_t>(std::nearbyint(v));
+#endif
+}
+
+/// The code of x under `scale` (a scale produced by scale_from_amax or sanitize_scale).
+__host__ __device__ inline std::int8_t quantize_value(float x, float scale) {
+  return saturate_round(div_rn(x, scale));
+}
+
+/// The value of a code under `scale`, rounded to T.
+template <class T>
+__host__ __device__ inline T dequantize_value(std::int8_t q, float scale) {
+  return from_float<T>(mul_rn(static_cast<float>(q), scale));
+}
+
+}  // namespace kvq

@@ -1,0 +1,204 @@
+// kvq/reference.hpp: the CPU reference of every operation.
+//
+// The oracle the GPU tests compare against bit for bit, and the CPU baseline the benchmark reports
+// speedups over. Plain C++17 (g++ or nvcc's host pass); loops run in memory order, parallel over
+// independent rows or channel blocks when the translation unit is built with OpenMP.
+//
+// Same signatures, argument order, validation and error codes as the GPU API in quantize.cuh, with
+// host pointers; `spec.nonfinite_count`, when set, is a host counter.
+#pragma once
+
+#include <kvq/numerics.hpp>
+#include <kvq/types.hpp>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace kvq {
+namespace reference {
+namespace detail {
+
+// OpenMP is optional: without it the loops run serially and no pragma warning is raised.
+#if defined(_OPENMP)
+#define KVQ_OMP_FOR _Pragma("omp parallel for schedule(static)")
+#define KVQ_OMP_FOR_COUNT _Pragma("omp parallel for reduction(+ : nonfinite) schedule(static)")
+#else
+#define KVQ_OMP_FOR
+#define KVQ_OMP_FOR_COUNT
+#endif
+
+/// Channels processed together by one thread in the per-channel reductions: a block of columns
+/// that is read row by row (memory order), small enough to keep its amax in L1.
+constexpr std::int64_t kChannelBlock = 256;
+
+inline std::int64_t rows_of(const KvView& v) { return v.batch * v.tokens; }
+
+/// Per-token amax of row (b, t), group by group, into `scales` (scale values, not amax).
+template <class T>
+unsigned long long per_token_row_scales(const T* row, std::int64_t channels, std::int64_t group, float* scales) {
+  unsigned long long nonfinite = 0;
+  for (std::int64_t c0 = 0, g = 0; c0 < channels; c0 += group, ++g) {
+    const std::int64_t c1 = std::min(c0 + group, channels);
+    std::uint32_t amax = 0;
+    for (std::int64_t c = c0; c < c1; ++c) {
+      const float x = to_float(row[c]);
+      nonfinite += !is_finite(x);
+      amax = std::max(amax, finite_abs_bits(x));
+    }
+    scales[g] = scale_from_amax(bits_to_float(amax));
+  }
+  return nonfinite;
+}
+
+template <class T>
+unsigned long long compute_scales(const T* x, const KvView& v, const QuantSpec& spec, float* scales) {
+  unsigned long long nonfinite = 0;
+  if (spec.granularity == Granularity::kPerToken) {
+    const std::int64_t group = group_length(v.channels, spec.group);
+    const std::int64_t ngroups = group_count(v.channels, spec.group);
+    const std::int64_t rows = rows_of(v);
+KVQ_OMP_FOR_COUNT
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t b = r / v.tokens, t = r % v.tokens;
+      nonfinite += per_token_row_scales(x + v.offset(b, t, 0), v.channels, group, scales + r * ngroups);
+    }
+    return nonfinite;
+  }
+  // Per-channel: each (batch, token group, channel block) reduces its rows top to bottom.
+  const std::int64_t group = group_length(v.tokens, spec.group);
+  const std::int64_t tgroups = group_count(v.tokens, spec.group);
+  const std::int64_t cblocks = (v.channels + kChannelBlock - 1) / kChannelBlock;
+  const std::int64_t items = v.batch * tgroups * cblocks;
+KVQ_OMP_FOR_COUNT
+  for (std::int64_t i = 0; i < items; ++i) {
+    const std::int64_t cb = i % cblocks, tg = (i / cblocks) % tgroups, b = i / (cblocks * tgroups);
+    const std::int64_t c0 = cb * kChannelBlock, c1 = std::min(c0 + kChannelBlock, v.channels);
+    const std::int64_t t0 = tg * group, t1 = std::min(t0 + group, v.tokens);
+    std::uint32_t amax[kChannelBlock] = {};
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const T* row = x + v.offset(b, t, 0);
+      for (std::int64_t c = c0; c < c1; ++c) {
+        const float xv = to_float(row[c]);
+        nonfinite += !is_finite(xv);
+        amax[c - c0] = std::max(amax[c - c0], finite_abs_bits(xv));
+      }
+    }
+    float* srow = scales + (b * tgroups + tg) * v.channels;
+    for (std::int64_t c = c0; c < c1; ++c) srow[c] = scale_from_amax(bits_to_float(amax[c - c0]));
+  }
+  return nonfinite;
+}
+
+template <class T>
+unsigned long long quantize_with_scales(const T* x, const float* scales, const KvView& v, const QuantSpec& spec,
+                                        std::int8_t* q) {
+  unsigned long long nonfinite = 0;
+  const std::int64_t rows = rows_of(v);
+  const bool per_token = spec.granularity == Granularity::kPerToken;
+  const std::int64_t group = per_token ? group_length(v.channels, spec.group) : group_length(v.tokens, spec.group);
+  const std::int64_t ngroups = per_token ? group_count(v.channels, spec.group) : group_count(v.tokens, spec.group);
+KVQ_OMP_FOR_COUNT
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t b = r / v.tokens, t = r % v.tokens;
+    const T* xr = x + v.offset(b, t, 0);
+    std::int8_t* qr = q + v.offset(b, t, 0);
+    if (per_token) {
+      const float* srow = scales + r * ngroups;
+      for (std::int64_t c0 = 0, g = 0; c0 < v.channels; c0 += group, ++g) {
+        const float s = sanitize_scale(srow[g]);
+        const std::int64_t c1 = std::min(c0 + group, v.channels);
+        for (std::int64_t c = c0; c < c1; ++c) {
+          const float xv = to_float(xr[c]);
+          nonfinite += !is_finite(xv);
+          qr[c] = quantize_value(xv, s);
+        }
+      }
+    } else {
+      const float* srow = scales + (b * ngroups + t / group) * v.channels;
+      for (std::int64_t c = 0; c < v.channels; ++c) {
+        const float xv = to_float(xr[c]);
+        nonfinite += !is_finite(xv);
+        qr[c] = quantize_value(xv, sanitize_scale(srow[c]));
+      }
+    }
+  }
+  return nonfinite;
+}
+
+template <class T>
+void dequantize(const std::int8_t* q, const float* scales, const KvView& v, const QuantSpec& spec, T* y) {
+  const std::int64_t rows = rows_of(v);
+  const bool per_token = spec.granularity == Granularity::kPerToken;
+  const std::int64_t group = per_token ? group_length(v.channels, spec.group) : group_length(v.tokens, spec.group);
+  const std::int64_t ngroups = per_token ? group_count(v.channels, spec.group) : group_count(v.tokens, spec.group);
+KVQ_OMP_FOR
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t b = r / v.tokens, t = r % v.tokens;
+    const std::int8_t* qr = q + v.offset(b, t, 0);
+    T* yr = y + v.offset(b, t, 0);
+    if (per_token) {
+      const float* srow = scales + r * ngroups;
+      for (std::int64_t c0 = 0, g = 0; c0 < v.channels; c0 += group, ++g) {
+        const float s = sanitize_scale(srow[g]);
+        const std::int64_t c1 = std::min(c0 + group, v.channels);
+        for (std::int64_t c = c0; c < c1; ++c) yr[c] = dequantize_value<T>(qr[c], s);
+      }
+    } else {
+      const float* srow = scales + (b * ngroups + t / group) * v.channels;
+      for (std::int64_t c = 0; c < v.channels; ++c) yr[c] = dequantize_value<T>(qr[c], sanitize_scale(srow[c]));
+    }
+  }
+}
+
+inline void add_count(const QuantSpec& spec, unsigned long long n) {
+  if (spec.nonfinite_count != nullptr) *spec.nonfinite_count += n;
+}
+
+}  // namespace detail
+
+/// scales (see scale_shape) <- the scale of every group of x.
+template <class T>
+cudaError_t compute_scales(const T* x,  // view over (batch, tokens, channels)
+                           const KvView& view, const QuantSpec& spec,
+                           float* scales) {  // scale_shape(view, spec), contiguous
+  if (cudaError_t err = validate_arguments(view, spec, x, scales); err != cudaSuccess || view.empty()) return err;
+  detail::add_count(spec, detail::compute_scales(x, view, spec, scales));
+  return cudaSuccess;
+}
+
+/// scales <- computed from x, then q <- codes of x under them. NaN/Inf are counted once.
+template <class T>
+cudaError_t quantize(const T* x,  // view over (batch, tokens, channels)
+                     const KvView& view, const QuantSpec& spec,
+                     std::int8_t* q,  // same view as x
+                     float* scales) {  // scale_shape(view, spec), contiguous
+  if (cudaError_t err = validate_arguments(view, spec, x, q, scales); err != cudaSuccess || view.empty()) return err;
+  detail::add_count(spec, detail::compute_scales(x, view, spec, scales));
+  detail::quantize_with_scales(x, scales, view, spec, q);
+  return cudaSuccess;
+}
+
+/// q <- codes of x under given (calibrated) scales: the paper's path.
+template <class T>
+cudaError_t quantize_with_scales(const T* x,  // view over (batch, tokens, channels)
+                                 const float* scales,  // scale_shape(view, spec), contiguous
+                                 const KvView& view, const QuantSpec& spec,
+                                 std::int8_t* q) {  // same view as x
+  if (cudaError_t err = validate_arguments(view, spec, x, scales, q); err != cudaSuccess || view.empty()) return err;
+  detail::add_count(spec, detail::quantize_with_scales(x, scales, view, spec, q));
+  return cudaSuccess;
+}
+
+/// y <- float(q) * scale, rounded to T.
+template <class T>
+cudaError_t dequantize(const std::int8_t* q,  // view over (batch, tokens, channels)
+                       const float* scales,  // scale_shape(view, spec), contiguous
+                       const KvView& view, const QuantSpec& spec,
+                       T* y) {  // same view as q
+  if (cudaError_t err = validate_arguments(view, spec, q, scales, y); err != cudaSuccess || view.empty()) return err;
+  detail::dequantize(q, scales, view, spec, y);
+  return cudaSuccess;
+}
+
+}  // namespace reference
+}  // namespace kvq
