@@ -330,6 +330,8 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads)
 }
 
 /// scales[i] <- scale_from_amax(amax whose bits scales[i] holds): the end of the two-pass path.
+/// (A template only so that every translation unit may define it: kernels cannot be `inline`.)
+template <int kUnused = 0>
 KVQ_KERNEL void finalize_scales_kernel(float* __restrict__ scales, std::int64_t n) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
@@ -343,7 +345,7 @@ inline unsigned grid_for(std::int64_t work) {
 
 inline cudaError_t finalize_scales(float* scales, std::int64_t n, cudaStream_t stream) {
   constexpr int kThreads = 256;
-  finalize_scales_kernel<<<grid_for(ceil_div<std::int64_t>(n, kThreads)), kThreads, 0, stream>>>(scales, n);
+  finalize_scales_kernel<><<<grid_for(ceil_div<std::int64_t>(n, kThreads)), kThreads, 0, stream>>>(scales, n);
   return check_launch();
 }
 
