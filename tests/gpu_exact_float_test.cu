@@ -15,5 +15,33 @@ INSTANTIATE_TEST_SUITE_P(All, ExactFloat,
                                             ::testing::Values<std::int64_t>(0, 32, 128)),
                          exact_param_name);
 
+class Ties : public GpuTest {};
+
+// The GPU multiplies by the reciprocal and divides only near a .5 tie (numerics.hpp): exact ties,
+// and quotients one and two ulps either side of them, must round exactly as the reference does.
+TEST_F(Ties, NearAndOnHalfwayPointsMatchTheReference) {
+  constexpr std::int64_t kChannels = 1024;
+  std::vector<float> x;
+  Rng rng(7);
+  for (float step : {1.0f, 0.125f, 0.75f / 127.0f * 127.0f}) {
+    for (std::int64_t c = 0; c < kChannels; ++c) {
+      const float k = std::floor(rng.symmetric() * 127.0f) + 0.5f;  // a tie of the quotient
+      float v = k * step;
+      switch (c % 5) {
+        case 1: v = std::nextafter(v, INFINITY); break;
+        case 2: v = std::nextafter(v, -INFINITY); break;
+        case 3: v = std::nextafter(std::nextafter(v, INFINITY), INFINITY); break;
+        default: break;
+      }
+      x.push_back(c == 0 ? 127.0f * step : v);  // c = 0 sets the amax: scale = step exactly
+    }
+  }
+  const KvView view = contiguous_view(static_cast<std::int64_t>(x.size()) / kChannels, kChannels);
+  for (std::int64_t group : {std::int64_t{0}, std::int64_t{128}}) {
+    SCOPED_TRACE("group " + std::to_string(group));
+    check_view_exact(view, view.size(), QuantSpec{Granularity::kPerToken, group}, x);
+  }
+}
+
 }  // namespace
 }  // namespace kvq::test

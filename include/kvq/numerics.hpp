@@ -120,6 +120,46 @@ __host__ __device__ inline std::int8_t quantize_value(float x, float scale) {
   return saturate_round(div_rn(x, scale));
 }
 
+/// The reciprocal the GPU's fast path multiplies by: 1 / scale correctly rounded, or NaN when that
+/// overflows (a denormal scale), which sends every element of the group to the exact division.
+__host__ __device__ inline float reciprocal(float scale) {
+  const float r = div_rn(1.0f, scale);
+  return is_finite(r) ? r : bits_to_float(0x7fc00000u);
+}
+
+/// Distance from a .5 tie under which the GPU falls back to the IEEE division (see below).
+constexpr float kTieGuard = 0x1p-14f;
+
+#ifdef __CUDA_ARCH__
+/// The GPU's fast path: the code of x * inv_scale (inv_scale = reciprocal(scale)), with no
+/// division and no conversion instruction. For |x / scale| <= 128 the product is within
+/// 128 * (2^-23 + 2^-24) + 2^-149 < 2.3e-5 of the correctly rounded quotient, so unless it lies
+/// within kTieGuard (6.1e-5) of some k + 0.5 both round to the same integer; above 128 both
+/// saturate. `exact` is false near a tie and for NaN (NaN input, NaN reciprocal): the caller then
+/// uses quantize_value(x, scale), so the result always equals the division's, bit for bit.
+__device__ inline std::int8_t quantize_by_reciprocal(float x, float inv_scale, bool& exact) {
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (RNE)
+  const float v = __fmul_rn(x, inv_scale);
+  const float c = fminf(fmaxf(v, -Int8Codes::kMaxF), Int8Codes::kMaxF);
+  const float t = __fadd_rn(c, kRoundMagic);
+  exact = fabsf(fabsf(__fsub_rn(v, __fsub_rn(t, kRoundMagic))) - 0.5f) > kTieGuard;
+  return static_cast<std::int8_t>(__float_as_uint(t) & 0xffu);  // the integer, two's complement
+}
+#endif
+
+/// Same result as quantize_value(x, scale), bit for bit, given inv_scale = reciprocal(scale); on
+/// the GPU it divides only near a tie (quantize_by_reciprocal), on the host it is the division.
+__host__ __device__ inline std::int8_t quantize_value(float x, float scale, float inv_scale) {
+#ifdef __CUDA_ARCH__
+  bool exact;
+  const std::int8_t q = quantize_by_reciprocal(x, inv_scale, exact);
+  return exact ? q : quantize_value(x, scale);
+#else
+  (void)inv_scale;
+  return quantize_value(x, scale);
+#endif
+}
+
 /// The value of a code under `scale`, rounded to T.
 template <class T>
 __host__ __device__ inline T dequantize_value(std::int8_t q, float scale) {

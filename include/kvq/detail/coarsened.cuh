@@ -15,6 +15,7 @@ inline namespace v0_1 {
 
 struct CoarsenedPolicy {
   static constexpr int kThreads = 256;
+  static constexpr int kMinBlocksPerSM = 3;  // caps registers at 85 so 3 blocks (24 warps) fit
   static constexpr int kItems = 8;          // 2048 elements per chunk
   static constexpr int kVectorBytes = 1;    // scalar accesses
   static constexpr bool kStageInShared = false;

@@ -140,37 +140,91 @@ __device__ inline UnitSlot per_token_slot(const TilePlan& p, const Unit& u) {
                   static_cast<std::int64_t>(g + 1) * p.group - u.col};
 }
 
-/// Scale of each element of a unit, read from the tile's slots.
+/// Slot of each element of a unit (elements past the row's end get the unit's first slot).
 template <int V, bool kPerToken>
-__device__ inline Fragment<float, V> unit_scales(const TilePlan& p, const Unit& u, const std::uint32_t* slot_bits) {
-  Fragment<float, V> sc;
+__device__ inline void unit_slots(const TilePlan& p, const Unit& u, int (&slot)[V]) {
   if constexpr (kPerToken) {
     const UnitSlot us = per_token_slot(p, u);
+    if (us.run >= V) {  // the usual case: the whole unit lies in one group
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int s = j < us.run ? us.slot : us.slot + 1 + static_cast<int>(p.group_div.div(j - us.run));
-      sc[j] = j < u.n ? bits_to_float(slot_bits[s]) : 1.0f;
+      for (int j = 0; j < V; ++j) slot[j] = us.slot;
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        slot[j] = (j < us.run || j >= u.n) ? us.slot : us.slot + 1 + static_cast<int>(p.group_div.div(j - us.run));
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < V; ++j) sc[j] = j < u.n ? bits_to_float(slot_bits[u.col + j]) : 1.0f;
+    for (int j = 0; j < V; ++j) slot[j] = u.col + (j < u.n ? j : 0);
   }
-  return sc;
 }
 
 /// Shared memory of one tile kernel: slots, and the staged chunk for the tiled strategy.
 template <class Policy, class E, int V>
 struct TileStorage {
   static constexpr int kStaged = Policy::kStageInShared ? Policy::kThreads * Policy::kItems : 1;
-  std::uint32_t slot_bits[kMaxSlots];
+  std::uint32_t slot_bits[kMaxSlots];  // amax bits while reducing, then the scale's bits
+  float slot_inv[kMaxSlots];           // reciprocal(scale), for quantize_value's fast path
   Fragment<E, V> stage[kStaged];
+
+  __device__ void set_scale(int s, float scale) {
+    slot_bits[s] = float_bits(scale);
+    slot_inv[s] = reciprocal(scale);
+  }
+};
+
+/// Hands each unit the scales (and reciprocals) of its elements, once the tile's slots hold scales.
+/// Per-channel, a thread's channels are the same for every unit of the tile, so they are read from
+/// shared memory once; per-token, a unit usually lies in one group and reads one slot.
+template <int V, bool kPerToken>
+struct UnitScaler {
+  Fragment<float, V> channel_scale, channel_inv;
+
+  template <class Storage>
+  __device__ UnitScaler(const TilePlan& p, const Storage& sm, int tid) {
+    if constexpr (!kPerToken) {
+      const int col = (tid % p.vecs_per_row) * V;  // < slots, and col + V <= slots
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        channel_scale[j] = bits_to_float(sm.slot_bits[col + j]);
+        channel_inv[j] = sm.slot_inv[col + j];
+      }
+    }
+  }
+
+  template <class Storage>
+  __device__ void get(const TilePlan& p, const Unit& u, const Storage& sm, Fragment<float, V>& scale,
+                      Fragment<float, V>& inv) const {
+    if constexpr (kPerToken) {
+      const UnitSlot us = per_token_slot(p, u);
+      if (us.run >= V) {
+        const float s = bits_to_float(sm.slot_bits[us.slot]), r = sm.slot_inv[us.slot];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          scale[j] = s;
+          inv[j] = r;
+        }
+        return;
+      }
+      int slot[V];
+      unit_slots<V, kPerToken>(p, u, slot);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        scale[j] = bits_to_float(sm.slot_bits[slot[j]]);
+        inv[j] = sm.slot_inv[slot[j]];
+      }
+    } else {
+      scale = channel_scale;
+      inv = channel_inv;
+    }
+  }
 };
 
 /// Computes the scales of every tile (TileMode::kScales, optionally writing codes too when q is not
 /// null) or merges each tile's group amax into `scales` as bits (TileMode::kAtomicAmax; the buffer
 /// must be zeroed first and finalized after).
 template <class Policy, int V, bool kPerToken, class T>
-KVQ_KERNEL void __launch_bounds__(Policy::kThreads)
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     scales_kernel(const T* __restrict__ x,  // view (batch, tokens, channels)
                   TilePlan p, TileMode mode,
                   float* __restrict__ scales,  // scale_shape(view, spec)
@@ -188,47 +242,55 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads)
     __syncthreads();
 
     // Sweep 1: amax of every slot. A one-chunk tile stays in registers (or the stage) for sweep 2.
+    // All loads of a chunk are issued before any is used, so kItems accesses are in flight.
     Fragment<T, V> held[kItems];
-    std::uint32_t colmax[V] = {};
+    Unit units[kItems];
+    std::uint32_t colmax[V] = {};     // per-channel: this thread's channels never change
+    int run_slot = -1;                // per-token: the slot being accumulated, and its amax
+    std::uint32_t run_max = 0;
     for (int chunk = 0; chunk < p.chunks; ++chunk) {
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
-        const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
-        Fragment<T, V> f = load_unit<V>(x, u);
-        if constexpr (Policy::kStageInShared) {
-          sm.stage[k * kThreads + tid] = f;
-          f = sm.stage[k * kThreads + tid];
-        } else {
-          held[k] = f;
-        }
+        units[k] = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
+        held[k] = load_unit<V>(x, units[k]);
+        if constexpr (Policy::kStageInShared) sm.stage[k * kThreads + tid] = held[k];
+      }
+      if constexpr (Policy::kStageInShared) __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const Fragment<T, V> f = Policy::kStageInShared ? sm.stage[k * kThreads + tid] : held[k];
         if (nonfinite != nullptr) bad += device::count_nonfinite(f);
         if constexpr (kPerToken) {
-          std::uint32_t run_max = 0;
-          int slot = -1;
-          if (u.n > 0) {
-            const UnitSlot us = per_token_slot(p, u);
-            slot = us.slot;
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-              if (j >= u.n) continue;
-              const std::uint32_t a = finite_abs_bits(to_float(f[j]));
-              if (j < us.run)
-                run_max = max(run_max, a);
-              else  // a group boundary inside the vector: rare, only when V does not divide the group
-                atomicMax(&sm.slot_bits[slot + 1 + static_cast<int>(p.group_div.div(j - us.run))], a);
-            }
+          const Unit& u = units[k];
+          if (u.n == 0) continue;
+          const UnitSlot us = per_token_slot(p, u);
+          if (us.slot != run_slot) {  // a new group: hand the finished one over
+            if (run_slot >= 0) atomicMax(&sm.slot_bits[run_slot], run_max);
+            run_slot = us.slot;
+            run_max = 0;
           }
-          // Lanes holding the same slot (usually the whole warp) combine before one atomic.
-          const unsigned peers = __match_any_sync(kFullMask, slot);
-          const std::uint32_t m = device::warp_max_bits(run_max, peers);
-          if (slot >= 0 && lane == __ffs(peers) - 1) atomicMax(&sm.slot_bits[slot], m);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            if (j >= u.n) continue;
+            const std::uint32_t a = finite_abs_bits(to_float(f[j]));
+            if (j < us.run)
+              run_max = max(run_max, a);
+            else  // a group boundary inside the vector: only when V does not divide the group
+              atomicMax(&sm.slot_bits[us.slot + 1 + static_cast<int>(p.group_div.div(j - us.run))], a);
+          }
         } else {
 #pragma unroll
           for (int j = 0; j < V; ++j) colmax[j] = max(colmax[j], finite_abs_bits(to_float(f[j])));
         }
       }
+      if constexpr (Policy::kStageInShared) __syncthreads();
     }
-    if constexpr (!kPerToken) {
+    if constexpr (kPerToken) {
+      // Lanes that end on the same slot (the whole warp, for long groups) combine first.
+      const unsigned peers = __match_any_sync(kFullMask, run_slot);
+      const std::uint32_t m = device::warp_max_bits(run_max, peers);
+      if (run_slot >= 0 && lane == __ffs(peers) - 1) atomicMax(&sm.slot_bits[run_slot], m);
+    } else {
       // Every unit of this thread lies in the same V channels (vecs_per_row divides kThreads);
       // lanes that share channels are vecs_per_row apart.
       const int wv = p.vecs_per_row;
@@ -250,26 +312,29 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads)
         if (idx >= 0 && bits != 0) atomicMax(reinterpret_cast<unsigned int*>(scales) + idx, bits);
       } else {
         const float scale = scale_from_amax(bits_to_float(bits));
-        sm.slot_bits[s] = float_bits(scale);
+        sm.set_scale(s, scale);
         if (idx >= 0) scales[idx] = scale;
       }
     }
 
     if (q != nullptr) {  // sweep 2: codes
       __syncthreads();
+      const UnitScaler<V, kPerToken> scaler(p, sm, tid);
       for (int chunk = 0; chunk < p.chunks; ++chunk) {
+        if (p.chunks > 1) {  // the tile did not fit: read the chunk again (from L2, usually)
+#pragma unroll
+          for (int k = 0; k < kItems; ++k) {
+            units[k] = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
+            held[k] = load_unit<V>(x, units[k]);
+          }
+        }
 #pragma unroll
         for (int k = 0; k < kItems; ++k) {
-          const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
-          if (u.n == 0) continue;
-          Fragment<T, V> f;
-          if (p.chunks > 1)
-            f = load_unit<V>(x, u);
-          else if constexpr (Policy::kStageInShared)
-            f = sm.stage[k * kThreads + tid];
-          else
-            f = held[k];
-          store_unit<V>(q, u, device::quantize<V>(f, unit_scales<V, kPerToken>(p, u, sm.slot_bits)));
+          if (units[k].n == 0) continue;
+          const Fragment<T, V> f = (Policy::kStageInShared && p.chunks == 1) ? sm.stage[k * kThreads + tid] : held[k];
+          Fragment<float, V> scale, inv;
+          scaler.get(p, units[k], sm, scale, inv);
+          store_unit<V>(q, units[k], device::quantize<V>(f, scale, inv));
         }
       }
     }
@@ -280,7 +345,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads)
 
 /// Codes under given scales (In = T, Out = int8), or values of codes (In = int8, Out = T).
 template <class Policy, int V, bool kPerToken, class In, class Out>
-KVQ_KERNEL void __launch_bounds__(Policy::kThreads)
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     apply_kernel(const In* __restrict__ in,  // view (batch, tokens, channels)
                  const float* __restrict__ scales,  // scale_shape(view, spec)
                  TilePlan p,
@@ -297,29 +362,32 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads)
     if (!tile_coord(p, tile, tc)) continue;
     for (int s = tid; s < p.slots; s += kThreads) {
       const std::int64_t idx = slot_scale_index<kPerToken>(p, tc, s);
-      sm.slot_bits[s] = float_bits(idx >= 0 ? sanitize_scale(scales[idx]) : 1.0f);
+      sm.set_scale(s, idx >= 0 ? sanitize_scale(scales[idx]) : 1.0f);
     }
     __syncthreads();
+    const UnitScaler<V, kPerToken> scaler(p, sm, tid);
     for (int chunk = 0; chunk < p.chunks; ++chunk) {
       Fragment<In, V> held[kItems];
+      Unit units[kItems];
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
-        const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
-        held[k] = load_unit<V>(in, u);
+        units[k] = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
+        held[k] = load_unit<V>(in, units[k]);
         if constexpr (Policy::kStageInShared) sm.stage[k * kThreads + tid] = held[k];
       }
       if constexpr (Policy::kStageInShared) __syncthreads();
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
-        const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
+        const Unit& u = units[k];
         if (u.n == 0) continue;
         const Fragment<In, V> f = Policy::kStageInShared ? sm.stage[k * kThreads + tid] : held[k];
-        const Fragment<float, V> sc = unit_scales<V, kPerToken>(p, u, sm.slot_bits);
+        Fragment<float, V> scale, inv;
+        scaler.get(p, u, sm, scale, inv);
         if constexpr (kDequantize) {
-          store_unit<V>(out, u, device::dequantize<Out, V>(f, sc));
+          store_unit<V>(out, u, device::dequantize<Out, V>(f, scale));
         } else {
           if (nonfinite != nullptr) bad += device::count_nonfinite(f);
-          store_unit<V>(out, u, device::quantize<V>(f, sc));
+          store_unit<V>(out, u, device::quantize<V>(f, scale, inv));
         }
       }
       if constexpr (Policy::kStageInShared) __syncthreads();

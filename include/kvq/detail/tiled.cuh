@@ -15,6 +15,7 @@ inline namespace v0_1 {
 
 struct TiledPolicy {
   static constexpr int kThreads = 256;
+  static constexpr int kMinBlocksPerSM = 2;  // 16 staged units per thread need the registers
   static constexpr int kItems = 16;         // 4096 staged elements per chunk (16 KiB of fp32)
   static constexpr int kVectorBytes = 1;    // scalar accesses (one element, whatever its size)
   static constexpr bool kStageInShared = true;

@@ -15,7 +15,8 @@ inline namespace v0_1 {
 
 struct VectorizedPolicy {
   static constexpr int kThreads = 256;
-  static constexpr int kItems = 8;          // 8 x 16 B in flight per thread: 32 KiB per block
+  static constexpr int kMinBlocksPerSM = 3;  // caps registers at 85 so 3 blocks (24 warps) fit
+  static constexpr int kItems = 4;          // 4 x 16 B in flight per thread: 16 KiB per block
   static constexpr int kVectorBytes = 16;
   static constexpr bool kStageInShared = false;
 };
