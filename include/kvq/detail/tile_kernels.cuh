@@ -163,7 +163,8 @@ __device__ inline void unit_slots(const TilePlan& p, const Unit& u, int (&slot)[
 template <class Policy, class E, int V>
 struct TileStorage {
   static constexpr int kStaged = Policy::kStageInShared ? Policy::kThreads * Policy::kItems : 1;
-  std::uint32_t slot_bits[kMaxSlots];  // amax bits while reducing, then the scale's bits
+  std::uint32_t amax_bits[kMaxSlots];  // scales_kernel: each slot's amax, zero between tiles
+  std::uint32_t slot_bits[kMaxSlots];  // the scale of each slot, as bits
   float slot_inv[kMaxSlots];           // reciprocal(scale), for quantize_value's fast path
   Fragment<E, V> stage[kStaged];
 
@@ -223,6 +224,9 @@ struct UnitScaler {
 /// Computes the scales of every tile (TileMode::kScales, optionally writing codes too when q is not
 /// null) or merges each tile's group amax into `scales` as bits (TileMode::kAtomicAmax; the buffer
 /// must be zeroed first and finalized after).
+///
+/// One block per tile. (Persistent blocks that prefetch their next tile into registers were
+/// measured slower on the H200 than letting the block scheduler overlap many short blocks.)
 template <class Policy, int V, bool kPerToken, class T>
 KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     scales_kernel(const T* __restrict__ x,  // view (batch, tokens, channels)
@@ -234,25 +238,24 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
   __shared__ TileStorage<Policy, T, V> sm;
   const int tid = static_cast<int>(threadIdx.x), lane = tid % kWarpSize;
   unsigned long long bad = 0;
+  const bool one_chunk = p.chunks == 1;
+
+  for (int s = tid; s < p.slots; s += kThreads) sm.amax_bits[s] = 0;
+  __syncthreads();
 
   for (std::int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     TileCoord tc;
-    if (!tile_coord(p, tile, tc)) continue;  // the same for the whole block
-    for (int s = tid; s < p.slots; s += kThreads) sm.slot_bits[s] = 0;
-    __syncthreads();
+    const bool nonempty = tile_coord(p, tile, tc);  // the same for the whole block
 
     // Sweep 1: amax of every slot. A one-chunk tile stays in registers (or the stage) for sweep 2.
-    // All loads of a chunk are issued before any is used, so kItems accesses are in flight.
     Fragment<T, V> held[kItems];
-    Unit units[kItems];
-    std::uint32_t colmax[V] = {};     // per-channel: this thread's channels never change
-    int run_slot = -1;                // per-token: the slot being accumulated, and its amax
+    std::uint32_t colmax[V] = {};  // per-channel: this thread's channels never change
+    int run_slot = -1;             // per-token: the slot being accumulated, and its amax
     std::uint32_t run_max = 0;
     for (int chunk = 0; chunk < p.chunks; ++chunk) {
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
-        units[k] = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
-        held[k] = load_unit<V>(x, units[k]);
+        held[k] = load_unit<V>(x, unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid));
         if constexpr (Policy::kStageInShared) sm.stage[k * kThreads + tid] = held[k];
       }
       if constexpr (Policy::kStageInShared) __syncthreads();
@@ -261,11 +264,11 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
         const Fragment<T, V> f = Policy::kStageInShared ? sm.stage[k * kThreads + tid] : held[k];
         if (nonfinite != nullptr) bad += device::count_nonfinite(f);
         if constexpr (kPerToken) {
-          const Unit& u = units[k];
+          const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
           if (u.n == 0) continue;
           const UnitSlot us = per_token_slot(p, u);
           if (us.slot != run_slot) {  // a new group: hand the finished one over
-            if (run_slot >= 0) atomicMax(&sm.slot_bits[run_slot], run_max);
+            if (run_slot >= 0) atomicMax(&sm.amax_bits[run_slot], run_max);
             run_slot = us.slot;
             run_max = 0;
           }
@@ -276,7 +279,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
             if (j < us.run)
               run_max = max(run_max, a);
             else  // a group boundary inside the vector: only when V does not divide the group
-              atomicMax(&sm.slot_bits[us.slot + 1 + static_cast<int>(p.group_div.div(j - us.run))], a);
+              atomicMax(&sm.amax_bits[us.slot + 1 + static_cast<int>(p.group_div.div(j - us.run))], a);
           }
         } else {
 #pragma unroll
@@ -289,7 +292,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
       // Lanes that end on the same slot (the whole warp, for long groups) combine first.
       const unsigned peers = __match_any_sync(kFullMask, run_slot);
       const std::uint32_t m = device::warp_max_bits(run_max, peers);
-      if (run_slot >= 0 && lane == __ffs(peers) - 1) atomicMax(&sm.slot_bits[run_slot], m);
+      if (run_slot >= 0 && lane == __ffs(peers) - 1) atomicMax(&sm.amax_bits[run_slot], m);
     } else {
       // Every unit of this thread lies in the same V channels (vecs_per_row divides kThreads);
       // lanes that share channels are vecs_per_row apart.
@@ -301,13 +304,16 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
       if (lane < wv)
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          if (col + j < tc.cols && colmax[j] != 0) atomicMax(&sm.slot_bits[col + j], colmax[j]);
+          if (col + j < tc.cols && colmax[j] != 0) atomicMax(&sm.amax_bits[col + j], colmax[j]);
     }
     __syncthreads();
 
+    // Scales. The amax slots are zeroed here for the next tile: nothing reads them until its sweep 1,
+    // which starts after the barrier below.
     for (int s = tid; s < p.slots; s += kThreads) {
-      const std::int64_t idx = slot_scale_index<kPerToken>(p, tc, s);
-      const std::uint32_t bits = sm.slot_bits[s];
+      const std::int64_t idx = nonempty ? slot_scale_index<kPerToken>(p, tc, s) : -1;
+      const std::uint32_t bits = sm.amax_bits[s];
+      sm.amax_bits[s] = 0;
       if (mode == TileMode::kAtomicAmax) {
         if (idx >= 0 && bits != 0) atomicMax(reinterpret_cast<unsigned int*>(scales) + idx, bits);
       } else {
@@ -316,29 +322,27 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
         if (idx >= 0) scales[idx] = scale;
       }
     }
+    __syncthreads();
 
-    if (q != nullptr) {  // sweep 2: codes
-      __syncthreads();
+    if (q != nullptr && nonempty) {  // sweep 2: codes
       const UnitScaler<V, kPerToken> scaler(p, sm, tid);
       for (int chunk = 0; chunk < p.chunks; ++chunk) {
-        if (p.chunks > 1) {  // the tile did not fit: read the chunk again (from L2, usually)
+        if (!one_chunk) {  // the tile did not fit: read the chunk again (from L2, usually)
 #pragma unroll
-          for (int k = 0; k < kItems; ++k) {
-            units[k] = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
-            held[k] = load_unit<V>(x, units[k]);
-          }
+          for (int k = 0; k < kItems; ++k)
+            held[k] = load_unit<V>(x, unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid));
         }
 #pragma unroll
         for (int k = 0; k < kItems; ++k) {
-          if (units[k].n == 0) continue;
-          const Fragment<T, V> f = (Policy::kStageInShared && p.chunks == 1) ? sm.stage[k * kThreads + tid] : held[k];
+          const Unit u = unit_at<V, kPerToken>(p, tc, chunk * kChunk + k * kThreads + tid);
+          if (u.n == 0) continue;
+          const Fragment<T, V> f = (Policy::kStageInShared && one_chunk) ? sm.stage[k * kThreads + tid] : held[k];
           Fragment<float, V> scale, inv;
-          scaler.get(p, units[k], sm, scale, inv);
-          store_unit<V>(q, units[k], device::quantize<V>(f, scale, inv));
+          scaler.get(p, u, sm, scale, inv);
+          store_unit<V>(q, u, device::quantize<V>(f, scale, inv));
         }
       }
     }
-    __syncthreads();  // the slots are reused by the next tile
   }
   if (bad != 0) atomicAdd(nonfinite, bad);
 }
