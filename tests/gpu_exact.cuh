@@ -238,6 +238,15 @@ void check_view_exact(const KvView& view, std::int64_t storage, const QuantSpec&
 /// (granularity, group)
 using ExactParam = std::tuple<Granularity, std::int64_t>;
 
+}  // namespace kvq::test
+
+namespace kvq {
+/// How gtest (and so ctest's test names) prints a granularity.
+inline void PrintTo(Granularity g, std::ostream* os) { *os << to_string(g); }
+}  // namespace kvq
+
+namespace kvq::test {
+
 inline std::string exact_param_name(const ::testing::TestParamInfo<ExactParam>& info) {
   return std::string(kvq::to_string(std::get<0>(info.param))) + "_g" + std::to_string(std::get<1>(info.param));
 }

@@ -1,5 +1,36 @@
-// GPU == CPU reference, bit for bit, for float inputs (see gpu_exact.cuh).
+// GPU == CPU reference, bit for bit, for float inputs (see gpu_exact.cuh), exact ties, and the
+// shared argument-validation cases on the GPU API (they run without a GPU: validation comes first).
 #include "gpu_exact.cuh"
+#include "validation_cases.hpp"
+
+// The GPU API behind the shared validation cases (validation_cases.hpp), one type per variant.
+template <class T, kvq::Variant kVariant>
+struct GpuOps {
+  using Elem = T;
+  static cudaError_t compute_scales(const T* x, const kvq::KvView& v, const kvq::QuantSpec& s, float* scales) {
+    return kvq::compute_scales(x, v, s, scales, kVariant);
+  }
+  static cudaError_t quantize(const T* x, const kvq::KvView& v, const kvq::QuantSpec& s, std::int8_t* q,
+                              float* scales) {
+    return kvq::quantize(x, v, s, q, scales, kVariant);
+  }
+  static cudaError_t quantize_with_scales(const T* x, const float* scales, const kvq::KvView& v,
+                                          const kvq::QuantSpec& s, std::int8_t* q) {
+    return kvq::quantize_with_scales(x, scales, v, s, q, kVariant);
+  }
+  static cudaError_t dequantize(const std::int8_t* q, const float* scales, const kvq::KvView& v,
+                                const kvq::QuantSpec& s, T* y) {
+    return kvq::dequantize(q, scales, v, s, y, kVariant);
+  }
+};
+
+using GpuTypes = ::testing::Types<GpuOps<float, kvq::Variant::kAuto>, GpuOps<float, kvq::Variant::kNaive>,
+                                  GpuOps<float, kvq::Variant::kTiled>, GpuOps<float, kvq::Variant::kCoarsened>,
+                                  GpuOps<float, kvq::Variant::kVectorized>>;
+
+namespace kvq::test {
+INSTANTIATE_TYPED_TEST_SUITE_P(GpuApi, ValidationCases, GpuTypes);
+}  // namespace kvq::test
 
 namespace kvq::test {
 namespace {

@@ -26,7 +26,7 @@ inline std::string gpu_unavailable_reason() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it, so it cannot leak into a later check
+    (void)cudaGetLastError();  // clears a non-sticky error; a missing driver stays sticky (harmless: we skip)
     return std::string("cudaGetDeviceCount failed: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
   }
   if (count == 0) return "cudaGetDeviceCount reported 0 devices";

@@ -57,9 +57,10 @@ __device__ inline void store(E* p, const Fragment<E, N>& f) {
   *reinterpret_cast<Access*>(p) = a;
 }
 
-/// Codes of N values under one scale (from scale_from_amax or sanitize_scale).
+/// Codes of N values under one scale (read as the host API reads given scales: sanitize_scale).
 template <int N, class T>
 __device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, float scale) {
+  scale = sanitize_scale(scale);
   Fragment<float, N> s, inv;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
@@ -89,16 +90,19 @@ __device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, con
   return q;
 }
 
-/// Values of N codes under one scale, rounded to T.
+/// Values of N codes under one scale, rounded to T. The scale is read as the host API reads it
+/// (sanitize_scale: anything but a positive finite number is 1).
 template <class T, int N>
 __device__ inline Fragment<T, N> dequantize(const Fragment<std::int8_t, N>& q, float scale) {
+  scale = sanitize_scale(scale);
   Fragment<T, N> y;
 #pragma unroll
   for (int i = 0; i < N; ++i) y[i] = dequantize_value<T>(q[i], scale);
   return y;
 }
 
-/// Values of N codes, each under its own scale.
+/// Values of N codes, each under its own scale. The scales are used as given: pass scales that
+/// kvq computed, or sanitize_scale() them, to stay bit-identical with the host API.
 template <class T, int N>
 __device__ inline Fragment<T, N> dequantize(const Fragment<std::int8_t, N>& q, const Fragment<float, N>& scale) {
   Fragment<T, N> y;
@@ -128,7 +132,13 @@ __device__ inline int count_nonfinite(const Fragment<T, N>& x) {
 /// Max over the lanes in `mask` of amax bits; every lane in `mask` gets the result. Exact and
 /// independent of lane order.
 __device__ inline std::uint32_t warp_max_bits(std::uint32_t bits, unsigned mask = detail::kFullMask) {
+#if __CUDA_ARCH__ >= 800
   return __reduce_max_sync(mask, bits);
+#else  // no redux before sm_80: gather from every lane of the mask (exact, order-free)
+  std::uint32_t m = bits;
+  for (unsigned rest = mask; rest != 0; rest &= rest - 1) m = max(m, __shfl_sync(mask, bits, __ffs(rest) - 1));
+  return m;
+#endif
 }
 
 /// Warp-level amax of a row fragment: each lane passes its local amax (of finite |x|, as a float),

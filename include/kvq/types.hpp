@@ -87,10 +87,9 @@ struct ScaleShape {
 };
 
 constexpr ScaleShape scale_shape(const KvView& view, const QuantSpec& spec) noexcept {
-  if (view.empty()) return ScaleShape{view.batch, view.tokens, view.channels > 0 ? 1 : 0};
   if (spec.granularity == Granularity::kPerToken)
-    return ScaleShape{view.batch, view.tokens, group_count(view.channels, spec.group)};
-  return ScaleShape{view.batch, group_count(view.tokens, spec.group), view.channels};
+    return ScaleShape{view.batch, view.tokens, view.channels > 0 ? group_count(view.channels, spec.group) : 0};
+  return ScaleShape{view.batch, view.tokens > 0 ? group_count(view.tokens, spec.group) : 0, view.channels};
 }
 
 /// Number of fp32 scales an operation reads or writes.
