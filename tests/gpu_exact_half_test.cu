@@ -184,6 +184,7 @@ TEST_F(HostApi, AllZeroInputHasUnitScalesZeroCodesExactZeros) {
   KVQ_ASSERT_CUDA(d_x.poison(0));
   for (const QuantSpec& spec : kSpecs) {
     for (Variant variant : kAllVariants) {
+      KVQ_ASSERT_CUDA(d_s.poison(kPoisonScaleByte));  // only the first scale_count are written
       KVQ_ASSERT_CUDA(d_q.poison(kPoisonCodeByte));
       KVQ_ASSERT_CUDA(d_y.poison(kPoisonValueByte));
       KVQ_ASSERT_CUDA(quantize(d_x.get(), view, spec, d_q.get(), d_s.get(), variant));

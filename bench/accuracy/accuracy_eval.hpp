@@ -30,7 +30,6 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -163,13 +162,6 @@ struct Layer {
 
   kvq::KvView view() const { return kvq::KvView{kv_heads, tokens, dim, dim, kv_heads * dim}; }
 };
-
-/// Number of layers in a capture folder (layer files numbered from 0 with no gap).
-inline int count_layers(const std::string& dir) {
-  int n = 0;
-  while (file_exists(capture_path(dir, n, "key", 0))) ++n;
-  return n;
-}
 
 /// Layer indices present in a capture folder (an extract may keep a subset), in order.
 inline std::vector<int> list_layers(const std::string& dir, int max_layer = 256) {
