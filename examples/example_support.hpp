@@ -2,12 +2,14 @@
 // the GPU check (skip or fail), CUDA error checks, and an owning device buffer.
 #pragma once
 
+#include "gpu_available.hpp"  // tests/: the GPU rule the tests use
+
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
+#include <string>
 
 namespace example {
 
@@ -15,33 +17,17 @@ namespace example {
 /// (SKIP_RETURN_CODE in examples/CMakeLists.txt); 77 is the automake convention.
 constexpr int kSkipExitCode = 77;
 
-/// True when KVQ_REQUIRE_GPU is set to anything but "" or "0" (the rule of tests/gpu_test.hpp).
-inline bool gpu_required() {
-  const char* v = std::getenv("KVQ_REQUIRE_GPU");
-  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
-}
-
 /// 0 when a GPU is usable. Otherwise prints why and returns the code to exit with: kSkipExitCode,
-/// or 1 when KVQ_REQUIRE_GPU is set. ANY error of cudaGetDeviceCount counts as "no GPU": a machine
-/// without a driver answers cudaErrorInsufficientDriver, not cudaErrorNoDevice.
+/// or 1 when KVQ_REQUIRE_GPU is set (the rule of tests/gpu_available.hpp, shared with the tests).
 inline int gpu_unavailable_exit_code(const char* example_name) {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err == cudaSuccess && count > 0) return 0;
-  char reason[256];
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it, so it cannot resurface in a later check
-    std::snprintf(reason, sizeof(reason), "cudaGetDeviceCount failed: %s (%s)", cudaGetErrorName(err),
-                  cudaGetErrorString(err));
-  } else {
-    std::snprintf(reason, sizeof(reason), "cudaGetDeviceCount reported 0 devices");
-  }
-  if (gpu_required()) {
-    std::printf("%s: FAILED: KVQ_REQUIRE_GPU is set but no GPU is usable: %s\n", example_name, reason);
+  const std::string reason = kvq::test::gpu_unavailable_reason();
+  if (reason.empty()) return 0;
+  if (kvq::test::gpu_required()) {
+    std::printf("%s: FAILED: KVQ_REQUIRE_GPU is set but no GPU is usable: %s\n", example_name, reason.c_str());
     return 1;
   }
   std::printf("%s: SKIPPED: no usable GPU (%s); set KVQ_REQUIRE_GPU=1 to make this a failure\n", example_name,
-              reason);
+              reason.c_str());
   return kSkipExitCode;
 }
 
