@@ -1,22 +1,25 @@
 // kvq/detail/vectorized.cuh: the vectorized strategy (16-byte accesses, coarsened).
 //
-// Like coarsened, with each unit V = 16 / sizeof(T) consecutive channels read in one 16-byte load
-// (float4-like for fp32, 8 halves for fp16/bf16) and written as one V-byte store of codes. V is
-// chosen at run time from the alignment of every pointer and every row stride (16, 8, 4 or 2
-// bytes, else scalar); a row's last partial vector is handled element by element, so any channel
-// count and any element-aligned offset works. The default (Variant::kAuto) for every operation.
+// Each unit is V = 16 / sizeof(T) consecutive channels, read in one 16-byte load (float4-like for
+// fp32, 8 halves for fp16/bf16) and written as one V-byte store of codes. Views made of whole
+// vectors (channels % V == 0, every pointer and stride aligned) run the lean kernels of
+// vector_kernels.cuh. Any other view runs the tile kernels at the widest width its alignment
+// allows (16, 8, 4 or 2 bytes, else scalar), with a row's last partial vector handled element by
+// element, so any channel count and any element-aligned offset works; per-channel scales are
+// always computed by the tile kernels. The default (Variant::kAuto) for every operation.
 #pragma once
 
 #include <kvq/detail/tile_kernels.cuh>
+#include <kvq/detail/vector_kernels.cuh>
 
 namespace kvq {
 namespace detail {
 inline namespace v0_1 {
 
 // Chosen on the H200 (bench/results/h200.md): 256 threads, 4 units of 16 B per thread and a cap of
-// 85 registers (3 blocks per SM) gave fp32 quantize_with_scales 3.83 TB/s (90% of a device copy).
-// 8 units per thread spilled and was slower; persistent blocks with a register prefetch of the
-// next tile were slower than one block per tile.
+// 85 registers (3 blocks per SM) gave fp32 quantize_with_scales 3.83 TB/s (90% of a device copy)
+// with the tile kernels. 8 units per thread spilled and was slower; persistent blocks with a
+// register prefetch of the next tile were slower than one block per tile.
 struct VectorizedPolicy {
   static constexpr int kThreads = 256;
   static constexpr int kMinBlocksPerSM = 3;  // caps registers at 85 so 3 blocks (24 warps) fit
@@ -25,7 +28,74 @@ struct VectorizedPolicy {
   static constexpr bool kStageInShared = false;
 };
 
-using VectorizedStrategy = TileStrategy<VectorizedPolicy>;
+/// The whole-vector kernels' policy: lighter kernels, so more blocks per SM.
+struct WholeVectorPolicy {
+  static constexpr int kThreads = 256;
+  static constexpr int kMinBlocksPerSM = 4;  // caps registers at 64
+  static constexpr int kItems = 4;           // vector_apply_kernel: rows per thread per pass
+  static constexpr int kTokenItems = 8;      // token_scales_kernel: units held per thread,
+  static constexpr int kTokenRowItems = 4;   // from at most this many rows
+};
+
+struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
+  using Tiles = TileStrategy<VectorizedPolicy>;
+  using Policy = WholeVectorPolicy;
+
+  template <class T>
+  static constexpr int kWidth = 16 / static_cast<int>(sizeof(T));
+
+  template <class T>
+  static bool whole_vector(const KvView& view, const void* t_ptr, const void* q_ptr) {
+    return Tiles::vector_width<T>(view, t_ptr, q_ptr) == kWidth<T> && whole_vector_view(view, kWidth<T>);
+  }
+
+  template <int kColItems, class T>
+  static cudaError_t launch_token_scales(const T* x, const VectorPlan& p, float* scales, std::int8_t* q,
+                                         unsigned long long* nonfinite, cudaStream_t stream) {
+    token_scales_kernel<Policy, kWidth<T>, kColItems>
+        <<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(x, p, scales, q, nonfinite);
+    return check_launch();
+  }
+
+  template <class T>
+  static cudaError_t scales(const T* x, const KvView& view, const QuantSpec& spec, TileMode mode, float* scales,
+                            std::int8_t* q, cudaStream_t stream) {
+    if (mode == TileMode::kScales && spec.granularity == Granularity::kPerToken &&
+        whole_vector<T>(view, x, q != nullptr ? static_cast<const void*>(q) : static_cast<const void*>(x))) {
+      bool fits = false;
+      const VectorPlan p = plan_token_scales<Policy>(view, spec, kWidth<T>, fits);
+      if (fits) {
+        unsigned long long* counter = spec.nonfinite_count;
+        if (p.col_items == 1) return launch_token_scales<1>(x, p, scales, q, counter, stream);
+        if (p.col_items == 2) return launch_token_scales<2>(x, p, scales, q, counter, stream);
+        if (p.col_items == 4) return launch_token_scales<4>(x, p, scales, q, counter, stream);
+        return launch_token_scales<8>(x, p, scales, q, counter, stream);
+      }
+    }
+    return Tiles::scales(x, view, spec, mode, scales, q, stream);
+  }
+
+  template <class T, class In, class Out>
+  static cudaError_t apply(const In* in, const float* scales, const KvView& view, const QuantSpec& spec, Out* out,
+                           cudaStream_t stream) {
+    constexpr bool kDequantize = std::is_same_v<In, std::int8_t>;
+    const void* t_ptr = kDequantize ? static_cast<const void*>(out) : static_cast<const void*>(in);
+    const void* q_ptr = kDequantize ? static_cast<const void*>(in) : static_cast<const void*>(out);
+    constexpr int V = kWidth<T>;
+    const bool per_token = spec.granularity == Granularity::kPerToken;
+    // Per-token, every unit must lie in one group.
+    if (whole_vector<T>(view, t_ptr, q_ptr) && (!per_token || group_length(view.channels, spec.group) % V == 0)) {
+      const VectorPlan p = plan_vector_apply(view, spec, Policy::kThreads, Policy::kItems, V);
+      unsigned long long* counter = kDequantize ? nullptr : spec.nonfinite_count;
+      if (per_token)
+        vector_apply_kernel<Policy, V, true><<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
+      else
+        vector_apply_kernel<Policy, V, false><<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
+      return check_launch();
+    }
+    return Tiles::template apply<T>(in, scales, view, spec, out, stream);
+  }
+};
 
 }  // namespace v0_1
 }  // namespace detail

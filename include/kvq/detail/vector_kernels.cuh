@@ -1,0 +1,335 @@
+// kvq/detail/vector_kernels.cuh: the vectorized strategy's kernels for views made of whole vectors.
+//
+// A view is "whole-vector" for a width V when every row is channels / V units of V elements and
+// every unit is one aligned 16-byte access: channels % V == 0, and every pointer and stride aligned
+// (which choose_vector_width checks). Then a thread's place in its block fixes which units it owns,
+// and the kernels below need none of the tile kernels' per-unit bookkeeping (unit decoding,
+// partial units, slots in shared memory): per element they do little more than the arithmetic of
+// the numeric contract, which is what keeps them at the bandwidth limit (bench/results/h200.md).
+// Views that are not whole-vector, and per-channel scale computation, use the tile kernels.
+//
+//   vector_apply_kernel   quantize under given scales, or dequantize; per-channel or per-token.
+//                         A thread owns one unit column and walks rows, so per-channel scales and
+//                         their reciprocals are read once per tile, not once per element.
+//   token_scales_kernel   per-token scales (and codes) in one pass: a thread holds its units of a
+//                         few rows in registers while the group amax is reduced across lanes.
+#pragma once
+
+#include <kvq/detail/tile_plan.cuh>
+#include <kvq/device.cuh>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <type_traits>
+
+namespace kvq {
+namespace detail {
+inline namespace v0_1 {
+
+using device::Fragment;
+
+/// How a whole-vector view is cut into tiles. Rows are the flattened batch * tokens rows; a tile is
+/// `lanes` unit columns (threads across) by `rows_per_tile` rows.
+struct VectorPlan {
+  std::int64_t rows;  // batch * tokens (< 2^31)
+  std::int64_t tokens, channels, batch_stride, token_stride;
+  int units;           // units per row: channels / V
+  int lanes_log2;      // threads across a tile: lanes = 2^lanes_log2 <= threads per block
+  int col_items;       // token_scales_kernel: units per thread along a row (lanes * col_items >= units)
+  std::int64_t rows_per_tile;  // per-token: flattened rows; per-channel: tokens of one token group
+  std::int64_t sub_tiles;      // vector_apply_kernel, per-channel: tiles down one token group
+  std::int64_t col_tiles;      // tiles across a row
+  std::int64_t tiles;
+  // scales
+  std::int64_t group, groups;  // as in TilePlan
+  bool row_group;              // per-token: one group spans the whole row
+  int seg_log2;                // token_scales_kernel: lanes that share a group at one item (<= 32),
+                               // or -1 when a row's group spans several warps
+  FastDivmod token_div;        // flattened row -> (batch, token)
+  FastDivmod group_div;        // token -> token group (per-channel), channel -> group (per-token)
+
+  __device__ std::int64_t row_offset(std::uint32_t r) const {
+    std::uint32_t b, t;
+    token_div.divmod(r, b, t);
+    return static_cast<std::int64_t>(b) * batch_stride + static_cast<std::int64_t>(t) * token_stride;
+  }
+};
+
+/// Tile sizing shared by both kernels: how many tiles the grid should have at least, so every SM
+/// gets several blocks even for decode-sized views.
+constexpr std::int64_t kVectorTargetTiles = 4096;
+
+/// True when `view` is whole-vector at width V (the caller has checked alignment) and its rows
+/// can be indexed with 32-bit division.
+inline bool whole_vector_view(const KvView& view, int V) {
+  return view.channels % V == 0 && view.batch * view.tokens <= INT32_MAX;
+}
+
+inline int log2_exact(std::int64_t pow2) {
+  int l = 0;
+  while ((std::int64_t{1} << l) < pow2) ++l;
+  return l;
+}
+
+/// Plan for vector_apply_kernel: a thread walks `items` rows at a time, up to 16 times per tile when
+/// the view is large enough to still give every SM many tiles (more rows per tile amortize reading
+/// per-channel scales).
+inline VectorPlan plan_vector_apply(const KvView& view, const QuantSpec& spec, int threads, int items, int V) {
+  VectorPlan p{};
+  p.rows = view.batch * view.tokens;
+  p.tokens = view.tokens;
+  p.channels = view.channels;
+  p.batch_stride = view.batch_stride;
+  p.token_stride = view.token_stride;
+  p.units = static_cast<int>(view.channels / V);
+  const std::int64_t lanes = std::min<std::int64_t>(threads, pow2_ceil(p.units));
+  p.lanes_log2 = log2_exact(lanes);
+  p.col_items = 1;
+  p.col_tiles = ceil_div<std::int64_t>(p.units, lanes);
+  const bool per_token = spec.granularity == Granularity::kPerToken;
+  const std::int64_t extent = per_token ? view.channels : view.tokens;
+  p.group = group_length(extent, spec.group);
+  p.groups = group_count(extent, spec.group);
+  p.row_group = per_token && p.group == view.channels;
+  const std::int64_t rows_per_pass = (threads / lanes) * items;
+  const std::int64_t passes = std::clamp<std::int64_t>(p.rows * p.col_tiles / (rows_per_pass * kVectorTargetTiles), 1, 16);
+  p.rows_per_tile = rows_per_pass * passes;
+  if (per_token) {
+    p.sub_tiles = 1;
+    p.tiles = p.col_tiles * ceil_div(p.rows, p.rows_per_tile);
+  } else {  // tiles never cross a token group, so each reads one row of scales
+    p.rows_per_tile = std::min(p.rows_per_tile, ceil_div(p.group, rows_per_pass) * rows_per_pass);
+    p.sub_tiles = ceil_div(p.group, p.rows_per_tile);
+    p.tiles = p.col_tiles * view.batch * p.groups * p.sub_tiles;
+  }
+  p.seg_log2 = 0;
+  p.token_div = FastDivmod(static_cast<std::uint32_t>(view.tokens));
+  p.group_div = FastDivmod(static_cast<std::uint32_t>(std::min<std::int64_t>(p.group, INT32_MAX)));
+  return p;
+}
+
+/// Plan for token_scales_kernel<kColItems>; `ok` is false when the view does not fit it (a row of
+/// more than threads * kColItems units, or groups that are neither whole rows nor a power of two
+/// of at most 32 units).
+template <class Policy>
+__host__ __device__ constexpr int token_row_items(int col_items) {
+  const int rows = Policy::kTokenItems / col_items < Policy::kTokenRowItems ? Policy::kTokenItems / col_items : Policy::kTokenRowItems;
+  return rows > 1 ? rows : 1;
+}
+
+template <class Policy>
+inline VectorPlan plan_token_scales(const KvView& view, const QuantSpec& spec, int V, bool& ok) {
+  constexpr int threads = Policy::kThreads, max_items = Policy::kTokenItems;
+  VectorPlan p = plan_vector_apply(view, spec, threads, 1, V);
+  const std::int64_t lanes = std::int64_t{1} << p.lanes_log2;
+  p.col_tiles = 1;
+  p.col_items = static_cast<int>(pow2_ceil(ceil_div<std::int64_t>(p.units, lanes)));  // 1, 2, 4, 8...
+  const int row_items = token_row_items<Policy>(p.col_items);
+  p.rows_per_tile = (threads / lanes) * row_items;
+  p.sub_tiles = 1;
+  p.tiles = ceil_div(p.rows, p.rows_per_tile);
+  const std::int64_t group_units = p.group / V;
+  if (p.row_group) {
+    p.seg_log2 = lanes <= kWarpSize ? p.lanes_log2 : -1;
+  } else {
+    p.seg_log2 = log2_exact(group_units);
+  }
+  ok = p.col_items <= max_items &&
+       (p.row_group || (p.group % V == 0 && group_units <= kWarpSize && (group_units & (group_units - 1)) == 0));
+  return p;
+}
+
+/// Largest finite |x| of a unit. fmaxf already ignores NaN; only an Inf needs the exact rule.
+template <int V, class T>
+__device__ inline float unit_amax(const Fragment<T, V>& x) {
+  float m = 0.0f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) m = fmaxf(m, fabsf(to_float(x[j])));
+  return is_finite(m) ? m : bits_to_float(device::amax_bits(x));
+}
+
+/// Codes under given scales (In = T, Out = int8), or values of codes (In = int8, Out = T), of a
+/// whole-vector view.
+///
+/// Per-channel, a tile lies in one (batch, token group), so a thread reads its V scales and their
+/// reciprocals once per tile. Per-token, a unit lies in one group (group % V == 0) and each row item
+/// reads its own scale.
+template <class Policy, int V, bool kPerToken, class In, class Out>
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
+    vector_apply_kernel(const In* __restrict__ in,  // view (batch, tokens, channels)
+                        const float* __restrict__ scales,  // scale_shape(view, spec)
+                        VectorPlan p,
+                        Out* __restrict__ out,  // same view
+                        unsigned long long* nonfinite) {  // optional counter (quantize only)
+  constexpr int kItems = Policy::kItems;
+  constexpr bool kDequantize = std::is_same_v<In, std::int8_t>;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & ((1 << p.lanes_log2) - 1);
+  const int row_lanes = Policy::kThreads >> p.lanes_log2;
+  unsigned long long bad = 0;
+
+  for (std::int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const std::int64_t unit = ((tile % p.col_tiles) << p.lanes_log2) + lane;
+    if (unit >= p.units) continue;
+    const std::int64_t c = unit * V, rest = tile / p.col_tiles;
+    // The tile's rows: per-token, flattened rows [r_begin, r_end); per-channel, tokens
+    // [r_begin, r_end) of batch b, all in scale row `scale_row`.
+    std::int64_t r_begin, r_end, base = c, group_of_c = 0;
+    Fragment<float, V> scale, inv;
+    if constexpr (kPerToken) {
+      r_begin = rest * p.rows_per_tile;
+      r_end = min(r_begin + p.rows_per_tile, p.rows);
+      group_of_c = p.group_div.div(static_cast<std::uint32_t>(c));
+    } else {
+      const std::int64_t scale_row = rest / p.sub_tiles, b = scale_row / p.groups, g = scale_row % p.groups;
+      r_begin = g * p.group + rest % p.sub_tiles * p.rows_per_tile;
+      r_end = min(min(r_begin + p.rows_per_tile, (g + 1) * p.group), p.tokens);
+      base += b * p.batch_stride;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        scale[j] = sanitize_scale(scales[scale_row * p.channels + c + j]);
+        if constexpr (!kDequantize) inv[j] = reciprocal(scale[j]);
+      }
+    }
+    auto offset = [&](std::int64_t r) {
+      return kPerToken ? p.row_offset(static_cast<std::uint32_t>(r)) + c : base + r * p.token_stride;
+    };
+    for (std::int64_t r0 = r_begin + (tid >> p.lanes_log2); r0 < r_end; r0 += kItems * row_lanes) {
+      Fragment<In, V> x[kItems];
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const std::int64_t r = r0 + k * row_lanes;
+        if (r < r_end) x[k] = device::load<V>(in + offset(r));
+      }
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const std::int64_t r = r0 + k * row_lanes;
+        if (r >= r_end) break;
+        if constexpr (kPerToken) {
+          const float s = sanitize_scale(scales[r * p.groups + group_of_c]);
+          const float rs = kDequantize ? 0.0f : reciprocal(s);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            scale[j] = s;
+            inv[j] = rs;
+          }
+        }
+        if constexpr (kDequantize) {
+          device::store<V>(out + offset(r), device::dequantize<Out, V>(x[k], scale));
+        } else {
+          if (nonfinite != nullptr) bad += device::count_nonfinite(x[k]);
+          device::store<V>(out + offset(r), device::quantize<V>(x[k], scale, inv));
+        }
+      }
+    }
+  }
+  if (bad != 0) atomicAdd(nonfinite, bad);
+}
+
+/// Per-token scales of a whole-vector view, and its codes when q is not null, in one pass.
+///
+/// A thread owns units lane + j * lanes (j < kColItems) of kRowItems rows. A group's amax meets
+/// across the `seg` lanes that hold it with shuffles; a row-wide group wider than a warp meets in
+/// shared memory (one barrier). The tile stays in registers, so the input is read once.
+template <class Policy, int V, int kColItems, class T>
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
+    token_scales_kernel(const T* __restrict__ x,  // view (batch, tokens, channels)
+                        VectorPlan p,
+                        float* __restrict__ scales,  // [batch * tokens, groups]
+                        std::int8_t* __restrict__ q,  // same view as x, or null
+                        unsigned long long* nonfinite) {  // optional counter
+  constexpr int kThreads = Policy::kThreads;
+  constexpr int kRowItems = token_row_items<Policy>(kColItems);
+  constexpr int kWarps = kThreads / kWarpSize;
+  __shared__ float warp_amax[kRowItems][kWarps];
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / kWarpSize;
+  const int lanes = 1 << p.lanes_log2, lane = tid & (lanes - 1);
+  const int row_lanes = kThreads >> p.lanes_log2;
+  unsigned long long bad = 0;
+
+  for (std::int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const std::int64_t row0 = tile * p.rows_per_tile + (tid >> p.lanes_log2);
+    Fragment<T, V> v[kRowItems][kColItems];
+    float amax[kRowItems][kColItems];
+#pragma unroll
+    for (int i = 0; i < kRowItems; ++i) {
+      const std::int64_t r = row0 + static_cast<std::int64_t>(i) * row_lanes;
+      const T* row = x + (r < p.rows ? p.row_offset(static_cast<std::uint32_t>(r)) : 0);
+#pragma unroll
+      for (int j = 0; j < kColItems; ++j) {
+        const int unit = lane + j * lanes;
+        if (r < p.rows && unit < p.units) v[i][j] = device::load<V>(row + static_cast<std::int64_t>(unit) * V);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRowItems; ++i) {
+      const std::int64_t r = row0 + static_cast<std::int64_t>(i) * row_lanes;
+#pragma unroll
+      for (int j = 0; j < kColItems; ++j) {
+        const bool valid = r < p.rows && lane + j * lanes < p.units;
+        amax[i][j] = valid ? unit_amax<V>(v[i][j]) : 0.0f;
+        if (nonfinite != nullptr && valid) bad += device::count_nonfinite(v[i][j]);
+      }
+    }
+
+    // Group amax. Values are finite and non-negative, so fmaxf is exact and order-free.
+    if (p.seg_log2 >= 0) {  // each group lies in `seg` neighbouring lanes at one item
+#pragma unroll
+      for (int i = 0; i < kRowItems; ++i)
+#pragma unroll
+        for (int j = 0; j < kColItems; ++j)
+          for (int off = 1; off < (1 << p.seg_log2); off <<= 1)
+            amax[i][j] = fmaxf(amax[i][j], __shfl_xor_sync(kFullMask, amax[i][j], off));
+    } else {  // one group per row, across lanes / 32 warps
+#pragma unroll
+      for (int i = 0; i < kRowItems; ++i) {
+        float m = amax[i][0];
+#pragma unroll
+        for (int j = 1; j < kColItems; ++j) m = fmaxf(m, amax[i][j]);
+        m = bits_to_float(device::warp_max_bits(float_bits(m)));
+        if (tid % kWarpSize == 0) warp_amax[i][warp] = m;
+      }
+      __syncthreads();
+      const int first = (tid >> p.lanes_log2) * (lanes / kWarpSize);
+#pragma unroll
+      for (int i = 0; i < kRowItems; ++i) {
+        float m = 0.0f;
+        for (int w = first; w < first + lanes / kWarpSize; ++w) m = fmaxf(m, warp_amax[i][w]);
+#pragma unroll
+        for (int j = 0; j < kColItems; ++j) amax[i][j] = m;
+      }
+      __syncthreads();  // warp_amax is written again by the next tile
+    }
+
+#pragma unroll
+    for (int i = 0; i < kRowItems; ++i) {
+      const std::int64_t r = row0 + static_cast<std::int64_t>(i) * row_lanes;
+      if (r >= p.rows) break;
+      const std::int64_t offset = p.row_offset(static_cast<std::uint32_t>(r));
+#pragma unroll
+      for (int j = 0; j < kColItems; ++j) {
+        const int unit = lane + j * lanes;
+        if (unit >= p.units) break;
+        const float scale = scale_from_amax(amax[i][j]);
+        const bool leader = p.seg_log2 >= 0 ? (lane & ((1 << p.seg_log2) - 1)) == 0 : (lane == 0 && j == 0);
+        if (leader) scales[r * p.groups + (p.row_group ? 0 : (unit >> p.seg_log2))] = scale;
+        if (q != nullptr) {
+          const float inv = reciprocal(scale);
+          Fragment<float, V> s, rs;
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            s[e] = scale;
+            rs[e] = inv;
+          }
+          device::store<V>(q + offset + static_cast<std::int64_t>(unit) * V, device::quantize<V>(v[i][j], s, rs));
+        }
+      }
+    }
+  }
+  if (bad != 0) atomicAdd(nonfinite, bad);
+}
+
+}  // namespace v0_1
+}  // namespace detail
+}  // namespace kvq
