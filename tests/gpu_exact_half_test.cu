@@ -4,6 +4,7 @@
 #include "gpu_exact.cuh"
 
 #include <algorithm>
+#include <utility>
 
 namespace kvq::test {
 namespace {
@@ -138,12 +139,16 @@ TEST_F(HostApi, CapturedIntoACudaGraphAndReplayed) {
 }
 
 // NaN, +-Inf, denormals and zero rows, on every variant; and the counter sees each non-finite
-// input exactly once per call.
+// input exactly once per call. 130 channels take the tile kernels; 128 and 1024 contiguous
+// channels take the whole-vector kernels (rows within a warp, and rows across warps).
 TEST_F(HostApi, NonFiniteInputsAndTheCounter) {
-  for (Layout layout : {Layout::kContiguous, Layout::kPaddedBatched}) {
+  for (const auto& [layout, channels] : {std::pair{Layout::kContiguous, std::int64_t{130}},
+                                         std::pair{Layout::kPaddedBatched, std::int64_t{130}},
+                                         std::pair{Layout::kContiguous, std::int64_t{128}},
+                                         std::pair{Layout::kTokenHeadDim, std::int64_t{1024}}}) {
     std::int64_t storage = 0;
-    const KvView view = make_view(layout, 4099, 130, storage);
-    const std::vector<__half> x = kv_like_data<__half>(storage, 130, 31, /*specials=*/true);
+    const KvView view = make_view(layout, 4099, channels, storage);
+    const std::vector<__half> x = kv_like_data<__half>(storage, channels, 31, /*specials=*/true);
     unsigned long long expected = 0;
     for (std::int64_t b = 0; b < view.batch; ++b)
       for (std::int64_t t = 0; t < view.tokens; ++t)
@@ -152,8 +157,8 @@ TEST_F(HostApi, NonFiniteInputsAndTheCounter) {
 
     DeviceBuffer<unsigned long long> d_count(1);
     for (QuantSpec spec : kSpecs) {
-      SCOPED_TRACE(std::string(to_string(layout)) + " " + kvq::to_string(spec.granularity) + " g" +
-                   std::to_string(spec.group));
+      SCOPED_TRACE(std::string(to_string(layout)) + " D=" + std::to_string(channels) + " " +
+                   kvq::to_string(spec.granularity) + " g" + std::to_string(spec.group));
       check_view_exact(view, storage, spec, x);
       const std::int64_t ns = scale_count(view, spec);
       DeviceBuffer<__half> d_x(storage);

@@ -145,15 +145,39 @@ __device__ inline std::int8_t quantize_by_reciprocal(float x, float inv_scale, b
   exact = fabsf(fabsf(__fsub_rn(v, __fsub_rn(t, kRoundMagic))) - 0.5f) > kTieGuard;
   return static_cast<std::int8_t>(__float_as_uint(t) & 0xffu);  // the integer, two's complement
 }
+
+/// The code of x when quantize_by_reciprocal found x * inv_scale within kTieGuard of some
+/// h = k + 0.5 (or NaN), settled exactly without a division. fp16 and bf16 data, with few mantissa
+/// bits, put about one value in 2^11 (fp16) or 2^8 (bf16) there, so this must be cheap; it is out
+/// of line to keep the fast path small. For a scale s >= 2^-100:
+///   - r = fma(-h, s, x) is exact: x - h * s is a multiple of 2^(e(s) - 25) below 2^(e(s) - 12)
+///     in magnitude (x / s is within 1e-4 of h), so it has at most 13 significant bits.
+///   - fl(x / s) == h exactly when |x / s - h| <= half the spacing of floats next to h on r's side,
+///     i.e. |r| <= s * that half-spacing (exact: a power of two times s). At equality the quotient
+///     is halfway between h and its neighbour, and h, whose significand is even, wins.
+///   - Then the code is saturate_round(h) (h's even neighbour); otherwise the quotient lies strictly
+///     on r's side of h, and the code is k + 1 (r > 0) or k.
+/// NaN and tiny scales take the division.
+__device__ __noinline__ inline std::int8_t quantize_near_tie(float x, float scale, float inv_scale) {
+  const float h = __fadd_rn(floorf(__fmul_rn(x, inv_scale)), 0.5f);
+  if (!(scale >= 0x1p-100f) || !is_finite(h) || !is_finite(scale)) return quantize_value(x, scale);
+  const float r = __fmaf_rn(-h, scale, x);
+  // Half the spacing of floats above |h| (|h| >= 0.5); below 0.5 the spacing halves.
+  float half_spacing = bits_to_float((float_bits(h) & kInfBits) - (24u << 23));
+  const bool toward_zero = (r < 0.0f) != (h < 0.0f);
+  if (fabsf(h) == 0.5f && toward_zero) half_spacing = __fmul_rn(half_spacing, 0.5f);
+  if (fabsf(r) <= __fmul_rn(scale, half_spacing)) return saturate_round(h);
+  return saturate_round(r > 0.0f ? __fadd_rn(h, 0.5f) : __fsub_rn(h, 0.5f));
+}
 #endif
 
 /// Same result as quantize_value(x, scale), bit for bit, given inv_scale = reciprocal(scale); on
-/// the GPU it divides only near a tie (quantize_by_reciprocal), on the host it is the division.
+/// the GPU it multiplies, and settles near-ties with quantize_near_tie; on the host it divides.
 __host__ __device__ inline std::int8_t quantize_value(float x, float scale, float inv_scale) {
 #ifdef __CUDA_ARCH__
   bool exact;
   const std::int8_t q = quantize_by_reciprocal(x, inv_scale, exact);
-  return exact ? q : quantize_value(x, scale);
+  return exact ? q : quantize_near_tie(x, scale, inv_scale);
 #else
   (void)inv_scale;
   return quantize_value(x, scale);

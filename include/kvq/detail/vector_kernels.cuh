@@ -140,6 +140,33 @@ inline VectorPlan plan_token_scales(const KvView& view, const QuantSpec& spec, i
   return p;
 }
 
+/// Plan for channel_scales_kernel; `ok` is false when a token group is longer than the block can
+/// hold. kScales: a tile is one whole token group, at most `row_items` tokens per thread.
+/// kAtomicAmax: a tile is a run of tokens of one group, walked `items` rows at a time.
+inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec, TileMode mode, int threads,
+                                      int items, int row_items, int V, bool& ok) {
+  VectorPlan p = plan_vector_apply(view, spec, threads, items, V);
+  ok = true;
+  if (mode == TileMode::kScales) {
+    const std::int64_t row_lanes = pow2_ceil(ceil_div<std::int64_t>(p.group, row_items));
+    ok = row_lanes <= threads;
+    const std::int64_t lanes = std::max<std::int64_t>(1, threads / row_lanes);
+    p.lanes_log2 = log2_exact(lanes);
+    p.col_tiles = ceil_div<std::int64_t>(p.units, lanes);
+    p.rows_per_tile = p.group;
+    p.sub_tiles = 1;
+  } else {  // fewer, taller tiles than for apply: fewer atomics per element
+    const std::int64_t lanes = std::int64_t{1} << p.lanes_log2;
+    const std::int64_t rows_per_pass = (threads / lanes) * items;
+    const std::int64_t passes =
+        std::clamp<std::int64_t>(p.rows * p.col_tiles / (rows_per_pass * kVectorTargetTiles / 2), 1, 64);
+    p.rows_per_tile = std::min(rows_per_pass * passes, ceil_div(p.group, rows_per_pass) * rows_per_pass);
+    p.sub_tiles = ceil_div(p.group, p.rows_per_tile);
+  }
+  p.tiles = p.col_tiles * view.batch * p.groups * p.sub_tiles;
+  return p;
+}
+
 /// Largest finite |x| of a unit. fmaxf already ignores NaN; only an Inf needs the exact rule.
 template <int V, class T>
 __device__ inline float unit_amax(const Fragment<T, V>& x) {
@@ -222,6 +249,126 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
           device::store<V>(out + offset(r), device::quantize<V>(x[k], scale, inv));
         }
       }
+    }
+  }
+  if (bad != 0) atomicAdd(nonfinite, bad);
+}
+
+/// Per-channel scales of a whole-vector view.
+///
+/// TileMode::kScales: a tile is one token group of `lanes` unit columns, held in registers
+/// (kChannelRowItems rows per thread); the group amax meets across row lanes with shuffles and
+/// shared-memory atomicMax, then the codes are written when q is not null. One pass.
+/// TileMode::kAtomicAmax: a tile is a run of tokens of one group; each thread keeps the amax of its
+/// V channels and the tiles merge theirs into the zeroed scale buffer as bits (atomicMax), which
+/// finalize_scales turns into scales. The first pass of whole-sequence scales.
+template <class Policy, int V, TileMode kMode, class T>
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ? Policy::kMinBlocksPerSMHolding
+                                                                               : Policy::kMinBlocksPerSM)
+    channel_scales_kernel(const T* __restrict__ x,  // view (batch, tokens, channels)
+                          VectorPlan p,
+                          float* __restrict__ scales,  // [batch, groups, channels]
+                          std::int8_t* __restrict__ q,  // same view as x, or null (kScales only)
+                          unsigned long long* nonfinite) {  // optional counter
+  constexpr int kThreads = Policy::kThreads, kItems = Policy::kItems, kRowItems = Policy::kChannelRowItems;
+  __shared__ std::uint32_t amax_bits[kThreads * V];  // kScales: the tile's channels
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lanes = 1 << p.lanes_log2, lane = tid & (lanes - 1), row_lanes = kThreads >> p.lanes_log2;
+  constexpr bool scales_mode = kMode == TileMode::kScales;
+  unsigned long long bad = 0;
+
+  for (std::int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const std::int64_t unit = ((tile % p.col_tiles) << p.lanes_log2) + lane, rest = tile / p.col_tiles;
+    const bool active = unit < p.units;
+    const std::int64_t c = unit * V, scale_row = rest / p.sub_tiles;
+    const std::int64_t b = scale_row / p.groups, g = scale_row % p.groups;
+    const std::int64_t r_begin = g * p.group + rest % p.sub_tiles * p.rows_per_tile;
+    const std::int64_t r_end = min(min(r_begin + p.rows_per_tile, (g + 1) * p.group), p.tokens);
+    const T* base = x + b * p.batch_stride + c;
+    const std::int64_t r_first = r_begin + (tid >> p.lanes_log2);
+    if constexpr (scales_mode) {
+      for (int s = tid; s < lanes * V; s += kThreads) amax_bits[s] = 0;
+      __syncthreads();
+    }
+
+    // This thread's amax of each of its channels. fmaxf skips NaN; an Inf is redone exactly below.
+    float colmax[V] = {};
+    Fragment<T, V> held[kRowItems];
+    auto accumulate = [&](const Fragment<T, V>& f) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) colmax[j] = fmaxf(colmax[j], fabsf(to_float(f[j])));
+      if (nonfinite != nullptr) bad += device::count_nonfinite(f);
+    };
+    if constexpr (scales_mode) {
+#pragma unroll
+      for (int i = 0; i < kRowItems; ++i) {
+        const std::int64_t r = r_first + i * row_lanes;
+        if (active && r < r_end) held[i] = device::load<V>(base + r * p.token_stride);
+      }
+#pragma unroll
+      for (int i = 0; i < kRowItems; ++i)
+        if (active && r_first + i * row_lanes < r_end) accumulate(held[i]);
+    } else if (active) {
+      for (std::int64_t r0 = r_first; r0 < r_end; r0 += kItems * row_lanes) {
+        Fragment<T, V> f[kItems];
+#pragma unroll
+        for (int k = 0; k < kItems; ++k)
+          if (r0 + k * row_lanes < r_end) f[k] = device::load<V>(base + (r0 + k * row_lanes) * p.token_stride);
+#pragma unroll
+        for (int k = 0; k < kItems; ++k)
+          if (r0 + k * row_lanes < r_end) accumulate(f[k]);
+      }
+    }
+    bool has_inf = false;
+#pragma unroll
+    for (int j = 0; j < V; ++j) has_inf |= !is_finite(colmax[j]);
+    if (has_inf) {  // rare: the exact rule (finite values only), rereading this thread's rows
+      std::uint32_t exact[V] = {};
+      for (std::int64_t r = r_first; r < r_end; r += row_lanes) {
+        const Fragment<T, V> f = device::load<V>(base + r * p.token_stride);
+#pragma unroll
+        for (int j = 0; j < V; ++j) exact[j] = max(exact[j], finite_abs_bits(to_float(f[j])));
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) colmax[j] = bits_to_float(exact[j]);
+    }
+
+    // Across the row lanes of a warp (lanes < 32), then across warps through atomicMax on bits.
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      for (int off = lanes; off < kWarpSize; off <<= 1)
+        colmax[j] = fmaxf(colmax[j], __shfl_xor_sync(kFullMask, colmax[j], off));
+    const bool warp_leader = (tid % kWarpSize) < lanes;  // first row lane of this warp
+    if constexpr (!scales_mode) {
+      if (active && warp_leader)
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (colmax[j] != 0.0f)
+            atomicMax(reinterpret_cast<unsigned int*>(scales) + scale_row * p.channels + c + j, float_bits(colmax[j]));
+    } else {
+      if (active && warp_leader)
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (colmax[j] != 0.0f) atomicMax(&amax_bits[lane * V + j], float_bits(colmax[j]));
+      __syncthreads();
+      Fragment<float, V> scale, inv;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        scale[j] = scale_from_amax(bits_to_float(amax_bits[lane * V + j]));
+        inv[j] = reciprocal(scale[j]);
+      }
+      if (active && tid < lanes)
+#pragma unroll
+        for (int j = 0; j < V; ++j) scales[scale_row * p.channels + c + j] = scale[j];
+      if (active && q != nullptr) {
+        std::int8_t* q_base = q + b * p.batch_stride + c;
+#pragma unroll
+        for (int i = 0; i < kRowItems; ++i) {
+          const std::int64_t r = r_first + i * row_lanes;
+          if (r < r_end) device::store<V>(q_base + r * p.token_stride, device::quantize<V>(held[i], scale, inv));
+        }
+      }
+      __syncthreads();  // amax_bits is zeroed again by the next tile
     }
   }
   if (bad != 0) atomicAdd(nonfinite, bad);

@@ -5,8 +5,8 @@
 // vectors (channels % V == 0, every pointer and stride aligned) run the lean kernels of
 // vector_kernels.cuh. Any other view runs the tile kernels at the widest width its alignment
 // allows (16, 8, 4 or 2 bytes, else scalar), with a row's last partial vector handled element by
-// element, so any channel count and any element-aligned offset works; per-channel scales are
-// always computed by the tile kernels. The default (Variant::kAuto) for every operation.
+// element, so any channel count and any element-aligned offset works. The default
+// (Variant::kAuto) for every operation.
 #pragma once
 
 #include <kvq/detail/tile_kernels.cuh>
@@ -32,9 +32,11 @@ struct VectorizedPolicy {
 struct WholeVectorPolicy {
   static constexpr int kThreads = 256;
   static constexpr int kMinBlocksPerSM = 4;  // caps registers at 64
+  static constexpr int kMinBlocksPerSMHolding = 3;  // channel_scales_kernel, one pass: 85 registers
   static constexpr int kItems = 4;           // vector_apply_kernel: rows per thread per pass
   static constexpr int kTokenItems = 8;      // token_scales_kernel: units held per thread,
   static constexpr int kTokenRowItems = 4;   // from at most this many rows
+  static constexpr int kChannelRowItems = 8; // channel_scales_kernel, one pass: rows held per thread
 };
 
 struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
@@ -70,6 +72,21 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
         if (p.col_items == 2) return launch_token_scales<2>(x, p, scales, q, counter, stream);
         if (p.col_items == 4) return launch_token_scales<4>(x, p, scales, q, counter, stream);
         return launch_token_scales<8>(x, p, scales, q, counter, stream);
+      }
+    }
+    if (spec.granularity == Granularity::kPerChannel &&
+        whole_vector<T>(view, x, q != nullptr ? static_cast<const void*>(q) : static_cast<const void*>(x))) {
+      bool fits = false;
+      const VectorPlan p = plan_channel_scales(view, spec, mode, Policy::kThreads, Policy::kItems,
+                                               Policy::kChannelRowItems, kWidth<T>, fits);
+      if (fits) {
+        if (mode == TileMode::kScales)
+          channel_scales_kernel<Policy, kWidth<T>, TileMode::kScales>
+              <<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(x, p, scales, q, spec.nonfinite_count);
+        else
+          channel_scales_kernel<Policy, kWidth<T>, TileMode::kAtomicAmax>
+              <<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(x, p, scales, nullptr, spec.nonfinite_count);
+        return check_launch();
       }
     }
     return Tiles::scales(x, view, spec, mode, scales, q, stream);
