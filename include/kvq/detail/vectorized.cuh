@@ -16,9 +16,9 @@ namespace kvq {
 namespace detail {
 inline namespace v0_1 {
 
-// Chosen on the H200 (bench/results/h200.md): 256 threads, 4 units of 16 B per thread and a cap of
-// 85 registers (3 blocks per SM) gave fp32 quantize_with_scales 3.83 TB/s (90% of a device copy)
-// with the tile kernels. 8 units per thread spilled and was slower; persistent blocks with a
+// Chosen on the H200 (bench/results/h200-2026-11-28.md): 256 threads, 4 units of 16 B per thread and
+// a cap of 85 registers (3 blocks per SM) gave fp32 quantize_with_scales 3.83 TB/s (90% of a device
+// copy) with the tile kernels. 8 units per thread spilled and was slower; persistent blocks with a
 // register prefetch of the next tile were slower than one block per tile.
 struct VectorizedPolicy {
   static constexpr int kThreads = 256;
