@@ -48,8 +48,9 @@ INSTANTIATE_TEST_SUITE_P(All, ExactFloat,
 
 class Ties : public GpuTest {};
 
-// The GPU multiplies by the reciprocal and divides only near a .5 tie (numerics.hpp): exact ties,
-// and quotients one and two ulps either side of them, must round exactly as the reference does.
+// The GPU multiplies by the reciprocal and corrects the quotient with two FMA steps (numerics.hpp):
+// exact ties, and quotients one and two ulps either side of them, must round exactly as the
+// reference's division does.
 TEST_F(Ties, NearAndOnHalfwayPointsMatchTheReference) {
   constexpr std::int64_t kChannels = 1024;
   std::vector<float> x;
@@ -72,6 +73,57 @@ TEST_F(Ties, NearAndOnHalfwayPointsMatchTheReference) {
     SCOPED_TRACE("group " + std::to_string(group));
     check_view_exact(view, view.size(), QuantSpec{Granularity::kPerToken, group}, x);
   }
+}
+
+// Given scales anywhere in fp32: denormal, on and next to the edges of the reciprocal's fast range
+// (2^-100 and 2^126, where quantize_by_reciprocal hands over to the division), huge, and not
+// positive-finite (read as 1). Per-channel scales, one per channel, so every fragment mixes them;
+// inputs span the whole fp32 range with NaN and Inf, and include ties of every scale.
+template <class T>
+void check_given_scales_across_the_range() {
+  const float edges[] = {0x1p-149f, 0x1.8p-127f, 0x1p-101f, std::nextafter(0x1p-100f, 0.0f), 0x1p-100f,
+                         std::nextafter(0x1p-100f, 1.0f), 1e-30f, 1.0f / 127.0f, 1.0f, 3.0f, 1e30f,
+                         std::nextafter(0x1p126f, 0.0f), 0x1p126f, std::nextafter(0x1p126f, INFINITY), 0x1p127f,
+                         3.4e38f, 0.0f, -1.0f, NAN, INFINITY};
+  constexpr std::int64_t kChannels = 8 * 20, kTokens = 96;  // whole vectors, every edge in every unit
+  std::vector<float> scales(kChannels);
+  for (std::int64_t c = 0; c < kChannels; ++c) scales[c] = edges[(c * 7) % 20];
+  std::vector<T> x(kTokens * kChannels);
+  Rng rng(11);
+  for (std::int64_t t = 0; t < kTokens; ++t)
+    for (std::int64_t c = 0; c < kChannels; ++c) {
+      const float s = sanitize_scale(scales[c]);
+      float v;
+      switch (rng.next() % 4) {
+        case 0: v = (std::floor(rng.symmetric() * 130.0f) + 0.5f) * s; break;  // a tie (or next to it)
+        case 1: v = rng.symmetric() * 140.0f * s; break;                       // codes, some saturating
+        case 2: v = std::ldexp(rng.symmetric(), static_cast<int>(rng.next() % 270) - 140); break;
+        default: v = (rng.next() % 50 == 0) ? NAN : std::ldexp(rng.symmetric(), 127 - static_cast<int>(rng.next() % 8));
+      }
+      x[t * kChannels + c] = from_float<T>(v);
+    }
+  const KvView view = contiguous_view(kTokens, kChannels);
+  const QuantSpec spec{Granularity::kPerChannel, 0};
+  std::vector<std::int8_t> want(x.size());
+  ASSERT_EQ(reference::quantize_with_scales(x.data(), scales.data(), view, spec, want.data()), cudaSuccess);
+  DeviceBuffer<T> d_x(x.size());
+  DeviceBuffer<float> d_s(scales.size());
+  DeviceBuffer<std::int8_t> d_q(x.size());
+  KVQ_ASSERT_CUDA(d_x.upload(x));
+  KVQ_ASSERT_CUDA(d_s.upload(scales));
+  for (Variant variant : kAllVariants) {
+    SCOPED_TRACE(to_string(variant));
+    KVQ_ASSERT_CUDA(d_q.poison(kPoisonCodeByte));
+    KVQ_ASSERT_CUDA(quantize_with_scales(d_x.get(), d_s.get(), view, spec, d_q.get(), variant));
+    std::vector<std::int8_t> got;
+    KVQ_ASSERT_CUDA(d_q.download(got));
+    expect_identical(got, want, "codes");
+  }
+}
+
+TEST_F(Ties, GivenScalesAcrossTheWholeFloatRange) {
+  check_given_scales_across_the_range<float>();
+  check_given_scales_across_the_range<__nv_bfloat16>();
 }
 
 }  // namespace

@@ -28,33 +28,70 @@ template <> struct AccessType<16> { using type = uint4; };
 
 namespace device {
 
-/// N elements of E with the alignment of the whole array, so that a load or store of it is one
-/// N * sizeof(E)-byte access (N * sizeof(E) in {1, 2, 4, 8, 16}).
+/// N elements of E with the alignment of the whole array (at most 16 bytes), so that a load or
+/// store of it is one N * sizeof(E)-byte access (N * sizeof(E) in {1, 2, 4, 8, 16}), or several
+/// 16-byte ones (32, 64).
 template <class E, int N>
-struct alignas(sizeof(E) * N) Fragment {
+struct alignas(sizeof(E) * N < 16 ? sizeof(E) * N : 16) Fragment {
   E v[N];
   __host__ __device__ E& operator[](int i) { return v[i]; }
   __host__ __device__ const E& operator[](int i) const { return v[i]; }
 };
 
 
-/// One vector load; `p` must be aligned to sizeof(E) * N.
+/// One vector load; `p` must be aligned to sizeof(E) * N (up to 16 bytes: a fragment of more
+/// than 16 bytes is moved as several 16-byte accesses).
 template <int N, class E>
 __device__ inline Fragment<E, N> load(const E* p) {
-  using Access = typename detail::AccessType<sizeof(E) * N>::type;
-  const Access a = *reinterpret_cast<const Access*>(p);
   Fragment<E, N> f;
-  memcpy(&f, &a, sizeof(f));
+  if constexpr (sizeof(E) * N > 16) {
+    static_assert(sizeof(E) * N % 16 == 0, "whole 16-byte accesses");
+    uint4 a[sizeof(E) * N / 16];
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(a) / 16); ++i) a[i] = reinterpret_cast<const uint4*>(p)[i];
+    memcpy(&f, a, sizeof(f));
+  } else {
+    using Access = typename detail::AccessType<sizeof(E) * N>::type;
+    const Access a = *reinterpret_cast<const Access*>(p);
+    memcpy(&f, &a, sizeof(f));
+  }
   return f;
 }
 
-/// One vector store; `p` must be aligned to sizeof(E) * N.
+/// One vector store; `p` must be aligned to sizeof(E) * N (up to 16 bytes, as for load).
 template <int N, class E>
 __device__ inline void store(E* p, const Fragment<E, N>& f) {
-  using Access = typename detail::AccessType<sizeof(E) * N>::type;
-  Access a;
-  memcpy(&a, &f, sizeof(a));
-  *reinterpret_cast<Access*>(p) = a;
+  if constexpr (sizeof(E) * N > 16) {
+    static_assert(sizeof(E) * N % 16 == 0, "whole 16-byte accesses");
+    uint4 a[sizeof(E) * N / 16];
+    memcpy(a, &f, sizeof(a));
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(a) / 16); ++i) reinterpret_cast<uint4*>(p)[i] = a[i];
+  } else {
+    using Access = typename detail::AccessType<sizeof(E) * N>::type;
+    Access a;
+    memcpy(&a, &f, sizeof(a));
+    *reinterpret_cast<Access*>(p) = a;
+  }
+}
+
+/// The bits of a fragment of N elements of E as one machine word or vector (uint32_t, uint2, uint4).
+/// Kernels that hold 16-bit data across a long stretch (several rows in flight, a reduction) hold it
+/// as Bits and unpack() it where it is used: held as a Fragment of __half / __nv_bfloat16, nvcc
+/// gives every element a 32-bit register of its own, which doubles the register cost and spills.
+template <int N, class E>
+using Bits = typename detail::AccessType<sizeof(E) * N>::type;
+
+template <int N, class E>
+__device__ inline Bits<N, E> load_bits(const E* p) {
+  return *reinterpret_cast<const Bits<N, E>*>(p);
+}
+
+template <class E, int N>
+__device__ inline Fragment<E, N> unpack(const Bits<N, E>& b) {
+  Fragment<E, N> f;
+  memcpy(&f, &b, sizeof(f));
+  return f;
 }
 
 /// Codes of N values under one scale (read as the host API reads given scales: sanitize_scale).
@@ -80,15 +117,15 @@ __device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, con
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     bool e;
-    q[i] = quantize_by_reciprocal(to_float(x[i]), inv_scale[i], e);
+    q[i] = quantize_by_reciprocal(to_float(x[i]), scale[i], inv_scale[i], e);
     exact &= e;
   }
-  if (!exact) {  // some element is near a tie: settle those exactly
+  if (!exact) {  // rare: NaN/Inf input, saturating overflow, or a scale outside the fast range
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       bool e;
-      quantize_by_reciprocal(to_float(x[i]), inv_scale[i], e);
-      if (!e) q[i] = quantize_near_tie(to_float(x[i]), scale[i], inv_scale[i]);
+      quantize_by_reciprocal(to_float(x[i]), scale[i], inv_scale[i], e);
+      if (!e) q[i] = quantize_value(to_float(x[i]), scale[i]);
     }
   }
   return q;
@@ -142,22 +179,102 @@ __device__ inline Fragment<T, N> dequantize(const Fragment<std::int8_t, N>& q, c
   return y;
 }
 
-/// Bits of the largest finite |x| in a fragment (0 if none); see float_bits for why bits.
+/// |x| in the raw bits of an input format: for non-negative values the order of the bits is the
+/// numeric order in fp32, fp16 and bf16 alike, so a max over raw bits is an exact amax, and a
+/// result at or above `kNonfinite` means some value was Inf or NaN. 16-bit data is maxed two
+/// values per instruction (__vmaxu2).
+template <class E>
+struct RawAbs;
+template <>
+struct RawAbs<float> {
+  static constexpr std::uint32_t kNonfinite = kInfBits;
+  static constexpr std::uint32_t kMask = kAbsMask;
+  __device__ static std::uint32_t max(std::uint32_t a, std::uint32_t b) { return ::max(a, b); }
+  __device__ static std::uint32_t fold(std::uint32_t m) { return m; }
+  __device__ static float value(std::uint32_t bits) { return __uint_as_float(bits); }
+};
+template <>
+struct RawAbs<__half> {
+  static constexpr std::uint32_t kNonfinite = 0x7c00u;
+  static constexpr std::uint32_t kMask = 0x7fff7fffu;  // two values per word
+  __device__ static std::uint32_t max(std::uint32_t a, std::uint32_t b) { return __vmaxu2(a, b); }
+  __device__ static std::uint32_t fold(std::uint32_t m) { return ::max(m & 0xffffu, m >> 16); }
+  __device__ static float value(std::uint32_t bits) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  }
+};
+template <>
+struct RawAbs<__nv_bfloat16> {
+  static constexpr std::uint32_t kNonfinite = 0x7f80u;
+  static constexpr std::uint32_t kMask = 0x7fff7fffu;
+  __device__ static std::uint32_t max(std::uint32_t a, std::uint32_t b) { return __vmaxu2(a, b); }
+  __device__ static std::uint32_t fold(std::uint32_t m) { return ::max(m & 0xffffu, m >> 16); }
+  __device__ static float value(std::uint32_t bits) { return __uint_as_float(bits << 16); }
+};
+
+/// Element-wise max of |x| as raw words into `acc` (per-channel running amax of a unit column):
+/// word w of acc holds the channels of word w of the fragment. Needs whole words.
 template <int N, class T>
-__device__ inline std::uint32_t amax_bits(const Fragment<T, N>& x) {
-  std::uint32_t m = 0;
+__device__ inline void raw_abs_max_into(std::uint32_t (&acc)[N * sizeof(T) / 4], const Fragment<T, N>& x) {
+  static_assert(N * sizeof(T) % 4 == 0, "whole 32-bit words only");
+  std::uint32_t w[N * sizeof(T) / 4];
+  memcpy(w, &x, sizeof(w));
 #pragma unroll
-  for (int i = 0; i < N; ++i) m = max(m, finite_abs_bits(to_float(x[i])));
-  return m;
+  for (int i = 0; i < N * static_cast<int>(sizeof(T)) / 4; ++i) acc[i] = RawAbs<T>::max(acc[i], w[i] & RawAbs<T>::kMask);
 }
 
-/// Number of NaN/Inf values in a fragment.
+/// Max of |x| as raw bits over a fragment; compare with RawAbs<T>::kNonfinite.
+template <int N, class T>
+__device__ inline std::uint32_t raw_abs_max(const Fragment<T, N>& x) {
+  if constexpr (N * sizeof(T) % 4 == 0) {
+    std::uint32_t acc[N * sizeof(T) / 4] = {};
+    raw_abs_max_into(acc, x);
+    std::uint32_t m = acc[0];
+#pragma unroll
+    for (int i = 1; i < N * static_cast<int>(sizeof(T)) / 4; ++i) m = RawAbs<T>::max(m, acc[i]);
+    return RawAbs<T>::fold(m);
+  } else {
+    constexpr std::uint32_t kElementMask = static_cast<std::uint32_t>(RawAbs<T>::kMask >> (32 - 8 * sizeof(T)));
+    std::uint32_t m = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      std::uint32_t b = 0;
+      memcpy(&b, &x.v[i], sizeof(T));
+      m = ::max(m, b & kElementMask);
+    }
+    return m;
+  }
+}
+
+/// Number of NaN/Inf values in a fragment. One raw max decides the common case (none).
 template <int N, class T>
 __device__ inline int count_nonfinite(const Fragment<T, N>& x) {
+  if (raw_abs_max(x) < RawAbs<T>::kNonfinite) return 0;
   int n = 0;
 #pragma unroll
   for (int i = 0; i < N; ++i) n += !is_finite(to_float(x[i]));
   return n;
+}
+
+/// Bits (as fp32) of the largest finite |x| in a fragment (0 if none); see float_bits for why
+/// bits. Adds the fragment's number of NaN/Inf values to `nonfinite`.
+template <int N, class T>
+__device__ inline std::uint32_t amax_bits(const Fragment<T, N>& x, unsigned long long& nonfinite) {
+  const std::uint32_t raw = raw_abs_max(x);
+  if (raw < RawAbs<T>::kNonfinite) return float_bits(RawAbs<T>::value(raw));
+  std::uint32_t m = 0;  // rare: the exact rule, over finite values only
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    m = ::max(m, finite_abs_bits(to_float(x[i])));
+    nonfinite += !is_finite(to_float(x[i]));
+  }
+  return m;
+}
+
+template <int N, class T>
+__device__ inline std::uint32_t amax_bits(const Fragment<T, N>& x) {
+  unsigned long long ignored = 0;
+  return amax_bits(x, ignored);
 }
 
 /// Max over the lanes in `mask` of amax bits; every lane in `mask` gets the result. Exact and

@@ -66,7 +66,13 @@ __host__ __device__ inline std::uint32_t finite_abs_bits(float x) {
 /// Exact widening of every supported input type to fp32.
 __host__ __device__ inline float to_float(float x) { return x; }
 __host__ __device__ inline float to_float(__half x) { return __half2float(x); }
-__host__ __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// bf16 is the high half of an fp32: a shift, written out because __bfloat162float's 16-bit asm
+// operand kept nvcc from holding fragments of bf16 in registers.
+__host__ __device__ inline float to_float(__nv_bfloat16 x) {
+  std::uint16_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return bits_to_float(static_cast<std::uint32_t>(b) << 16);
+}
 
 /// Round-to-nearest-even narrowing from fp32 to an output type.
 template <class T>
@@ -120,64 +126,56 @@ __host__ __device__ inline std::int8_t quantize_value(float x, float scale) {
   return saturate_round(div_rn(x, scale));
 }
 
-/// The reciprocal the GPU's fast path multiplies by: 1 / scale correctly rounded, or NaN when that
-/// overflows (a denormal scale), which sends every element of the group to the exact division.
+/// The reciprocal the GPU multiplies by: 1 / scale correctly rounded, or NaN when the scale lies
+/// outside [2^-100, 2^126], which sends every element of the group to the IEEE division. Inside,
+/// 1 / scale is a normal float and quantize_by_reciprocal's residuals are exact (see there).
+constexpr float kMinFastScale = 0x1p-100f;
+constexpr float kMaxFastScale = 0x1p126f;
+
 __host__ __device__ inline float reciprocal(float scale) {
   const float r = div_rn(1.0f, scale);
-  return is_finite(r) ? r : bits_to_float(0x7fc00000u);
+  return (scale >= kMinFastScale && scale <= kMaxFastScale) ? r : bits_to_float(0x7fc00000u);
 }
-
-/// Distance from a .5 tie under which the GPU falls back to the IEEE division (see below).
-constexpr float kTieGuard = 0x1p-14f;
 
 #ifdef __CUDA_ARCH__
-/// The GPU's fast path: the code of x * inv_scale (inv_scale = reciprocal(scale)), with no
-/// division and no conversion instruction. For |x / scale| <= 128 the product is within
-/// 128 * (2^-23 + 2^-24) + 2^-149 < 2.3e-5 of the correctly rounded quotient, so unless it lies
-/// within kTieGuard (6.1e-5) of some k + 0.5 both round to the same integer; above 128 both
-/// saturate. `exact` is false near a tie and for NaN (NaN input, NaN reciprocal): the caller then
-/// uses quantize_value(x, scale), so the result always equals the division's, bit for bit.
-__device__ inline std::int8_t quantize_by_reciprocal(float x, float inv_scale, bool& exact) {
+/// The GPU's path: the code of x / scale with no division, no branch and no conversion
+/// instruction, given inv_scale = reciprocal(scale), bit-identical to quantize_value(x, scale).
+///
+/// q0 = RN(x * inv_scale) is within 1.5 ulp of x / scale (inv_scale is within 2^-24 relative of
+/// 1 / scale). One Newton step, q1 = RN(q0 + r0 * inv_scale) with the residual
+/// r0 = x - q0 * scale computed exactly by an FMA, lands within 1.5 * 2^-24 ulp of the exact
+/// step's value and so within one ulp of x / scale. Markstein's theorem (inv_scale within half an
+/// ulp of 1 / scale, q1 within one ulp of x / scale, exact residual) then makes the second step's
+/// q2 = RN(q1 + r1 * inv_scale) the correctly rounded quotient: q2 == x / scale as IEEE divides,
+/// and the code is saturate_round(q2) (clamp, then round half to even by adding 1.5 * 2^23).
+/// The residuals are exact because scale >= 2^-100 keeps them on the subnormal grid or above
+/// wherever the code can be non-zero (|x / scale| >= 0.25); where it is zero, a few ulps of a
+/// quotient below 0.25 change nothing.
+///
+/// `exact` is false when q2 is NaN: a NaN or Inf input, x * inv_scale overflowing (such codes
+/// saturate) or a NaN reciprocal (scale outside the fast range). The caller then divides.
+/// (An exhaustive check of every fp16 and bf16 value against every scale amax / 127 of those
+/// formats, and 2e8 fp32 values next to ties, found no difference from the division even with one
+/// step; the second step is what the proof needs.)
+__device__ inline std::int8_t quantize_by_reciprocal(float x, float scale, float inv_scale, bool& exact) {
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (RNE)
-  const float v = __fmul_rn(x, inv_scale);
-  const float c = fminf(fmaxf(v, -Int8Codes::kMaxF), Int8Codes::kMaxF);
+  float q = __fmul_rn(x, inv_scale);
+  q = __fmaf_rn(__fmaf_rn(-q, scale, x), inv_scale, q);
+  q = __fmaf_rn(__fmaf_rn(-q, scale, x), inv_scale, q);
+  exact = q == q;
+  const float c = fminf(fmaxf(q, -Int8Codes::kMaxF), Int8Codes::kMaxF);
   const float t = __fadd_rn(c, kRoundMagic);
-  exact = fabsf(fabsf(__fsub_rn(v, __fsub_rn(t, kRoundMagic))) - 0.5f) > kTieGuard;
   return static_cast<std::int8_t>(__float_as_uint(t) & 0xffu);  // the integer, two's complement
-}
-
-/// The code of x when quantize_by_reciprocal found x * inv_scale within kTieGuard of some
-/// h = k + 0.5 (or NaN), settled exactly without a division. fp16 and bf16 data, with few mantissa
-/// bits, put about one value in 2^11 (fp16) or 2^8 (bf16) there, so this must be cheap; it is out
-/// of line to keep the fast path small. For a scale s >= 2^-100:
-///   - r = fma(-h, s, x) is exact: x - h * s is a multiple of 2^(e(s) - 25) below 2^(e(s) - 12)
-///     in magnitude (x / s is within 1e-4 of h), so it has at most 13 significant bits.
-///   - fl(x / s) == h exactly when |x / s - h| <= half the spacing of floats next to h on r's side,
-///     i.e. |r| <= s * that half-spacing (exact: a power of two times s). At equality the quotient
-///     is halfway between h and its neighbour, and h, whose significand is even, wins.
-///   - Then the code is saturate_round(h) (h's even neighbour); otherwise the quotient lies strictly
-///     on r's side of h, and the code is k + 1 (r > 0) or k.
-/// NaN and tiny scales take the division.
-__device__ __noinline__ inline std::int8_t quantize_near_tie(float x, float scale, float inv_scale) {
-  const float h = __fadd_rn(floorf(__fmul_rn(x, inv_scale)), 0.5f);
-  if (!(scale >= 0x1p-100f) || !is_finite(h) || !is_finite(scale)) return quantize_value(x, scale);
-  const float r = __fmaf_rn(-h, scale, x);
-  // Half the spacing of floats above |h| (|h| >= 0.5); below 0.5 the spacing halves.
-  float half_spacing = bits_to_float((float_bits(h) & kInfBits) - (24u << 23));
-  const bool toward_zero = (r < 0.0f) != (h < 0.0f);
-  if (fabsf(h) == 0.5f && toward_zero) half_spacing = __fmul_rn(half_spacing, 0.5f);
-  if (fabsf(r) <= __fmul_rn(scale, half_spacing)) return saturate_round(h);
-  return saturate_round(r > 0.0f ? __fadd_rn(h, 0.5f) : __fsub_rn(h, 0.5f));
 }
 #endif
 
 /// Same result as quantize_value(x, scale), bit for bit, given inv_scale = reciprocal(scale); on
-/// the GPU it multiplies, and settles near-ties with quantize_near_tie; on the host it divides.
+/// the GPU it multiplies and corrects (quantize_by_reciprocal), on the host it divides.
 __host__ __device__ inline std::int8_t quantize_value(float x, float scale, float inv_scale) {
 #ifdef __CUDA_ARCH__
   bool exact;
-  const std::int8_t q = quantize_by_reciprocal(x, inv_scale, exact);
-  return exact ? q : quantize_near_tie(x, scale, inv_scale);
+  const std::int8_t q = quantize_by_reciprocal(x, scale, inv_scale, exact);
+  return exact ? q : quantize_value(x, scale);
 #else
   (void)inv_scale;
   return quantize_value(x, scale);

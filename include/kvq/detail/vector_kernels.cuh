@@ -167,15 +167,6 @@ inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec,
   return p;
 }
 
-/// Largest finite |x| of a unit. fmaxf already ignores NaN; only an Inf needs the exact rule.
-template <int V, class T>
-__device__ inline float unit_amax(const Fragment<T, V>& x) {
-  float m = 0.0f;
-#pragma unroll
-  for (int j = 0; j < V; ++j) m = fmaxf(m, fabsf(to_float(x[j])));
-  return is_finite(m) ? m : bits_to_float(device::amax_bits(x));
-}
-
 /// Codes under given scales (In = T, Out = int8), or values of codes (In = int8, Out = T), of a
 /// whole-vector view.
 ///
@@ -223,11 +214,11 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
       return kPerToken ? p.row_offset(static_cast<std::uint32_t>(r)) + c : base + r * p.token_stride;
     };
     for (std::int64_t r0 = r_begin + (tid >> p.lanes_log2); r0 < r_end; r0 += kItems * row_lanes) {
-      Fragment<In, V> x[kItems];
+      device::Bits<V, In> x[kItems];
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
         const std::int64_t r = r0 + k * row_lanes;
-        if (r < r_end) x[k] = device::load<V>(in + offset(r));
+        if (r < r_end) x[k] = device::load_bits<V>(in + offset(r));
       }
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
@@ -243,10 +234,11 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
           }
         }
         if constexpr (kDequantize) {
-          device::store<V>(out + offset(r), device::dequantize<Out, V>(x[k], scale));
+          device::store<V>(out + offset(r), device::dequantize<Out, V>(device::unpack<In, V>(x[k]), scale));
         } else {
-          if (nonfinite != nullptr) bad += device::count_nonfinite(x[k]);
-          device::store<V>(out + offset(r), device::quantize<V>(x[k], scale, inv));
+          const Fragment<In, V> f = device::unpack<In, V>(x[k]);
+          if (nonfinite != nullptr) bad += device::count_nonfinite(f);
+          device::store<V>(out + offset(r), device::quantize<V>(f, scale, inv));
         }
       }
     }
@@ -291,43 +283,48 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
       __syncthreads();
     }
 
-    // This thread's amax of each of its channels. fmaxf skips NaN; an Inf is redone exactly below.
-    float colmax[V] = {};
-    Fragment<T, V> held[kRowItems];
-    auto accumulate = [&](const Fragment<T, V>& f) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) colmax[j] = fmaxf(colmax[j], fabsf(to_float(f[j])));
-      if (nonfinite != nullptr) bad += device::count_nonfinite(f);
-    };
+    // This thread's amax of each of its channels, as raw |x| bits (device::RawAbs): exact, two
+    // 16-bit channels per instruction. A NaN or Inf shows as bits >= kNonfinite and is redone below.
+    constexpr int kWords = V * sizeof(T) / 4;
+    std::uint32_t raw[kWords] = {};
+    device::Bits<V, T> held[kRowItems];
     if constexpr (scales_mode) {
 #pragma unroll
       for (int i = 0; i < kRowItems; ++i) {
         const std::int64_t r = r_first + i * row_lanes;
-        if (active && r < r_end) held[i] = device::load<V>(base + r * p.token_stride);
+        if (active && r < r_end) held[i] = device::load_bits<V>(base + r * p.token_stride);
       }
 #pragma unroll
       for (int i = 0; i < kRowItems; ++i)
-        if (active && r_first + i * row_lanes < r_end) accumulate(held[i]);
+        if (active && r_first + i * row_lanes < r_end) device::raw_abs_max_into(raw, device::unpack<T, V>(held[i]));
     } else if (active) {
       for (std::int64_t r0 = r_first; r0 < r_end; r0 += kItems * row_lanes) {
-        Fragment<T, V> f[kItems];
+        device::Bits<V, T> f[kItems];
 #pragma unroll
         for (int k = 0; k < kItems; ++k)
-          if (r0 + k * row_lanes < r_end) f[k] = device::load<V>(base + (r0 + k * row_lanes) * p.token_stride);
+          if (r0 + k * row_lanes < r_end) f[k] = device::load_bits<V>(base + (r0 + k * row_lanes) * p.token_stride);
 #pragma unroll
         for (int k = 0; k < kItems; ++k)
-          if (r0 + k * row_lanes < r_end) accumulate(f[k]);
+          if (r0 + k * row_lanes < r_end) device::raw_abs_max_into(raw, device::unpack<T, V>(f[k]));
       }
     }
-    bool has_inf = false;
+    float colmax[V];
+    bool has_nonfinite = false;
 #pragma unroll
-    for (int j = 0; j < V; ++j) has_inf |= !is_finite(colmax[j]);
-    if (has_inf) {  // rare: the exact rule (finite values only), rereading this thread's rows
+    for (int j = 0; j < V; ++j) {
+      const std::uint32_t bits = sizeof(T) == 4 ? raw[j] : (raw[j * sizeof(T) / 4] >> (16 * (j % 2))) & 0xffffu;
+      has_nonfinite |= bits >= device::RawAbs<T>::kNonfinite;
+      colmax[j] = device::RawAbs<T>::value(bits);
+    }
+    if (has_nonfinite) {  // rare: the exact rule (finite values only) and the count, rereading this thread's rows
       std::uint32_t exact[V] = {};
       for (std::int64_t r = r_first; r < r_end; r += row_lanes) {
         const Fragment<T, V> f = device::load<V>(base + r * p.token_stride);
 #pragma unroll
-        for (int j = 0; j < V; ++j) exact[j] = max(exact[j], finite_abs_bits(to_float(f[j])));
+        for (int j = 0; j < V; ++j) {
+          exact[j] = max(exact[j], finite_abs_bits(to_float(f[j])));
+          bad += !is_finite(to_float(f[j]));
+        }
       }
 #pragma unroll
       for (int j = 0; j < V; ++j) colmax[j] = bits_to_float(exact[j]);
@@ -365,13 +362,14 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
 #pragma unroll
         for (int i = 0; i < kRowItems; ++i) {
           const std::int64_t r = r_first + i * row_lanes;
-          if (r < r_end) device::store<V>(q_base + r * p.token_stride, device::quantize<V>(held[i], scale, inv));
+          if (r < r_end)
+            device::store<V>(q_base + r * p.token_stride, device::quantize<V>(device::unpack<T, V>(held[i]), scale, inv));
         }
       }
       __syncthreads();  // amax_bits is zeroed again by the next tile
     }
   }
-  if (bad != 0) atomicAdd(nonfinite, bad);
+  if (bad != 0 && nonfinite != nullptr) atomicAdd(nonfinite, bad);
 }
 
 /// Per-token scales of a whole-vector view, and its codes when q is not null, in one pass.
@@ -397,7 +395,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
 
   for (std::int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     const std::int64_t row0 = tile * p.rows_per_tile + (tid >> p.lanes_log2);
-    Fragment<T, V> v[kRowItems][kColItems];
+    device::Bits<V, T> v[kRowItems][kColItems];
     float amax[kRowItems][kColItems];
 #pragma unroll
     for (int i = 0; i < kRowItems; ++i) {
@@ -406,7 +404,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
 #pragma unroll
       for (int j = 0; j < kColItems; ++j) {
         const int unit = lane + j * lanes;
-        if (r < p.rows && unit < p.units) v[i][j] = device::load<V>(row + static_cast<std::int64_t>(unit) * V);
+        if (r < p.rows && unit < p.units) v[i][j] = device::load_bits<V>(row + static_cast<std::int64_t>(unit) * V);
       }
     }
 #pragma unroll
@@ -415,8 +413,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
 #pragma unroll
       for (int j = 0; j < kColItems; ++j) {
         const bool valid = r < p.rows && lane + j * lanes < p.units;
-        amax[i][j] = valid ? unit_amax<V>(v[i][j]) : 0.0f;
-        if (nonfinite != nullptr && valid) bad += device::count_nonfinite(v[i][j]);
+        amax[i][j] = valid ? bits_to_float(device::amax_bits(device::unpack<T, V>(v[i][j]), bad)) : 0.0f;
       }
     }
 
@@ -454,27 +451,32 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
       const std::int64_t r = row0 + static_cast<std::int64_t>(i) * row_lanes;
       if (r >= p.rows) break;
       const std::int64_t offset = p.row_offset(static_cast<std::uint32_t>(r));
+      // A row-wide group has one scale for all j: two divisions per row item, not per unit.
+      float scale = scale_from_amax(amax[i][0]), inv = reciprocal(scale);
 #pragma unroll
       for (int j = 0; j < kColItems; ++j) {
         const int unit = lane + j * lanes;
         if (unit >= p.units) break;
-        const float scale = scale_from_amax(amax[i][j]);
+        if (j > 0 && !p.row_group) {
+          scale = scale_from_amax(amax[i][j]);
+          inv = reciprocal(scale);
+        }
         const bool leader = p.seg_log2 >= 0 ? (lane & ((1 << p.seg_log2) - 1)) == 0 : (lane == 0 && j == 0);
         if (leader) scales[r * p.groups + (p.row_group ? 0 : (unit >> p.seg_log2))] = scale;
         if (q != nullptr) {
-          const float inv = reciprocal(scale);
           Fragment<float, V> s, rs;
 #pragma unroll
           for (int e = 0; e < V; ++e) {
             s[e] = scale;
             rs[e] = inv;
           }
-          device::store<V>(q + offset + static_cast<std::int64_t>(unit) * V, device::quantize<V>(v[i][j], s, rs));
+          device::store<V>(q + offset + static_cast<std::int64_t>(unit) * V,
+                           device::quantize<V>(device::unpack<T, V>(v[i][j]), s, rs));
         }
       }
     }
   }
-  if (bad != 0) atomicAdd(nonfinite, bad);
+  if (bad != 0 && nonfinite != nullptr) atomicAdd(nonfinite, bad);
 }
 
 }  // namespace v0_1
