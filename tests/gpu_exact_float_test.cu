@@ -121,6 +121,26 @@ void check_given_scales_across_the_range() {
   }
 }
 
+// Scales computed from the data below the reciprocal's fast range (amax / 127 < 2^-100), at its
+// edge, and of denormal data: those groups must take the division, the others the FMA path.
+TEST_F(Ties, ComputedScalesOfTinyGroups) {
+  constexpr std::int64_t kChannels = 1024, kTokens = 12;
+  const int exponents[kTokens] = {-80, -92, -93, -94, -95, -100, -110, -120, -126, -130, -140, -148};
+  std::vector<float> x(kTokens * kChannels);
+  Rng rng(5);
+  for (std::int64_t t = 0; t < kTokens; ++t)
+    for (std::int64_t c = 0; c < kChannels; ++c) {
+      const float k = std::floor(rng.symmetric() * 127.0f) + 0.5f;  // ties of a unit scale, then scaled
+      x[t * kChannels + c] = std::ldexp(c == 0 ? 127.0f : k, exponents[t]);
+    }
+  const KvView view = contiguous_view(kTokens, kChannels);
+  for (const QuantSpec& spec : {QuantSpec{Granularity::kPerToken, 0}, QuantSpec{Granularity::kPerToken, 32},
+                                QuantSpec{Granularity::kPerChannel, 0}, QuantSpec{Granularity::kPerChannel, 4}}) {
+    SCOPED_TRACE(std::string(to_string(spec.granularity)) + " group " + std::to_string(spec.group));
+    check_view_exact(view, view.size(), spec, x);
+  }
+}
+
 TEST_F(Ties, GivenScalesAcrossTheWholeFloatRange) {
   check_given_scales_across_the_range<float>();
   check_given_scales_across_the_range<__nv_bfloat16>();

@@ -112,21 +112,33 @@ __device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, flo
 template <int N, class T>
 __device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, const Fragment<float, N>& scale,
                                                     const Fragment<float, N>& inv_scale) {
-  Fragment<std::int8_t, N> q;
+  std::uint32_t word[N];
   bool exact = true;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     bool e;
-    q[i] = quantize_by_reciprocal(to_float(x[i]), scale[i], inv_scale[i], e);
+    word[i] = code_word(to_float(x[i]), scale[i], inv_scale[i], e);
     exact &= e;
   }
   if (!exact) {  // rare: NaN/Inf input, saturating overflow, or a scale outside the fast range
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       bool e;
-      quantize_by_reciprocal(to_float(x[i]), scale[i], inv_scale[i], e);
-      if (!e) q[i] = quantize_value(to_float(x[i]), scale[i]);
+      code_word(to_float(x[i]), scale[i], inv_scale[i], e);
+      if (!e) word[i] = static_cast<std::uint8_t>(quantize_value(to_float(x[i]), scale[i]));
     }
+  }
+  Fragment<std::int8_t, N> q;
+  if constexpr (N % 4 == 0) {  // the low bytes of four words into one: three byte permutes
+#pragma unroll
+    for (int w = 0; w < N / 4; ++w) {
+      const std::uint32_t packed = __byte_perm(__byte_perm(word[4 * w], word[4 * w + 1], 0x0040u),
+                                               __byte_perm(word[4 * w + 2], word[4 * w + 3], 0x0040u), 0x5410u);
+      memcpy(&q.v[4 * w], &packed, sizeof(packed));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) q[i] = static_cast<std::int8_t>(word[i] & 0xffu);
   }
   return q;
 }
@@ -223,16 +235,22 @@ __device__ inline void raw_abs_max_into(std::uint32_t (&acc)[N * sizeof(T) / 4],
   for (int i = 0; i < N * static_cast<int>(sizeof(T)) / 4; ++i) acc[i] = RawAbs<T>::max(acc[i], w[i] & RawAbs<T>::kMask);
 }
 
+/// The max over the words of an accumulator of raw_abs_max_into, as one value's raw bits.
+template <class T, int W>
+__device__ inline std::uint32_t raw_abs_fold(const std::uint32_t (&acc)[W]) {
+  std::uint32_t m = acc[0];
+#pragma unroll
+  for (int i = 1; i < W; ++i) m = RawAbs<T>::max(m, acc[i]);
+  return RawAbs<T>::fold(m);
+}
+
 /// Max of |x| as raw bits over a fragment; compare with RawAbs<T>::kNonfinite.
 template <int N, class T>
 __device__ inline std::uint32_t raw_abs_max(const Fragment<T, N>& x) {
   if constexpr (N * sizeof(T) % 4 == 0) {
     std::uint32_t acc[N * sizeof(T) / 4] = {};
     raw_abs_max_into(acc, x);
-    std::uint32_t m = acc[0];
-#pragma unroll
-    for (int i = 1; i < N * static_cast<int>(sizeof(T)) / 4; ++i) m = RawAbs<T>::max(m, acc[i]);
-    return RawAbs<T>::fold(m);
+    return raw_abs_fold<T>(acc);
   } else {
     constexpr std::uint32_t kElementMask = static_cast<std::uint32_t>(RawAbs<T>::kMask >> (32 - 8 * sizeof(T)));
     std::uint32_t m = 0;

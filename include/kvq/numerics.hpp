@@ -154,18 +154,24 @@ __host__ __device__ inline float reciprocal(float scale) {
 ///
 /// `exact` is false when q2 is NaN: a NaN or Inf input, x * inv_scale overflowing (such codes
 /// saturate) or a NaN reciprocal (scale outside the fast range). The caller then divides.
+///
+/// code_word returns the bits of the rounded float, whose low byte is the code (so that four codes
+/// pack into a word with byte permutes); quantize_by_reciprocal returns the code.
 /// (An exhaustive check of every fp16 and bf16 value against every scale amax / 127 of those
 /// formats, and 2e8 fp32 values next to ties, found no difference from the division even with one
 /// step; the second step is what the proof needs.)
-__device__ inline std::int8_t quantize_by_reciprocal(float x, float scale, float inv_scale, bool& exact) {
+__device__ inline std::uint32_t code_word(float x, float scale, float inv_scale, bool& exact) {
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (RNE)
   float q = __fmul_rn(x, inv_scale);
   q = __fmaf_rn(__fmaf_rn(-q, scale, x), inv_scale, q);
   q = __fmaf_rn(__fmaf_rn(-q, scale, x), inv_scale, q);
   exact = q == q;
   const float c = fminf(fmaxf(q, -Int8Codes::kMaxF), Int8Codes::kMaxF);
-  const float t = __fadd_rn(c, kRoundMagic);
-  return static_cast<std::int8_t>(__float_as_uint(t) & 0xffu);  // the integer, two's complement
+  return __float_as_uint(__fadd_rn(c, kRoundMagic));  // low byte: the code, two's complement
+}
+
+__device__ inline std::int8_t quantize_by_reciprocal(float x, float scale, float inv_scale, bool& exact) {
+  return static_cast<std::int8_t>(code_word(x, scale, inv_scale, exact) & 0xffu);
 }
 #endif
 
