@@ -130,6 +130,88 @@ TEST(QuantizeValue, UsesIeeeDivisionNotAReciprocal) {
   EXPECT_EQ(kvq::quantize_value(45.5f, 7.0f), 6);
 }
 
+// The GPU's division-free path (code_word: the reciprocal, two FMA steps, rounding by adding
+// 1.5 * 2^23), compiled for the host, against the IEEE division it replaces, with the GPU's
+// fallback to the division where it reports !exact. The hand-computed cases above (37.5 / 15,
+// 45.5 / 7) are where a plain multiply by the reciprocal is wrong.
+std::int8_t gpu_style_code(float x, float scale) {
+  bool exact = false;
+  const std::int8_t q = kvq::quantize_by_reciprocal(x, scale, kvq::reciprocal(scale), exact);
+  return exact ? q : kvq::quantize_value(x, scale);
+}
+
+TEST(ReciprocalPath, HandComputedCases) {
+  EXPECT_EQ(gpu_style_code(37.5f, 15.0f), 2);
+  EXPECT_EQ(gpu_style_code(-37.5f, 15.0f), -2);
+  EXPECT_EQ(gpu_style_code(45.5f, 7.0f), 6);
+  EXPECT_EQ(gpu_style_code(63.75f, 0.5f), 127);  // 127.5: clamped, not 128
+  EXPECT_EQ(gpu_style_code(kNaN, 0.5f), 0);
+  EXPECT_EQ(gpu_style_code(kInf, 0.5f), 127);
+  EXPECT_EQ(gpu_style_code(-kInf, 0.5f), -127);
+  EXPECT_EQ(gpu_style_code(1.0f, kDenormMin), 127);   // scale below the fast range: divides
+  EXPECT_EQ(gpu_style_code(kFltMax, 1e-30f), 127);    // x * (1 / scale) overflows: divides
+  bool exact = false;
+  kvq::quantize_by_reciprocal(1.0f, 1.0f, kvq::reciprocal(1.0f), exact);
+  EXPECT_TRUE(exact);
+  kvq::quantize_by_reciprocal(1.0f, 0x1p-101f, kvq::reciprocal(0x1p-101f), exact);
+  EXPECT_FALSE(exact);  // reciprocal() is NaN outside [2^-100, 2^126]
+}
+
+// Every finite fp16 and bf16 value under about a thousand scales each: amax / 127 for every 31st
+// positive value of the format, the fast range's edges, and random fp32 scales inside it.
+template <class T>
+void expect_reciprocal_path_equals_division(std::uint32_t seed) {
+  std::vector<float> xs, scales = {0x1p-100f, std::nextafter(0x1p-100f, 1.0f), 0x1p126f,
+                                   std::nextafter(0x1p126f, 0.0f), 1.0f / 127.0f, 3.0f, 1e-20f, 1e20f};
+  for (std::uint32_t b = 0; b < 65536; ++b) {
+    const float x = kvq::to_float(from_bits16<T>(static_cast<std::uint16_t>(b)));
+    if (!std::isfinite(x)) continue;
+    xs.push_back(x);
+    if (x > 0 && b % 31 == 0) scales.push_back(kvq::scale_from_amax(x));
+  }
+  std::mt19937 rng(seed);
+  for (int i = 0; i < 200; ++i) scales.push_back(std::ldexp(1.0f + static_cast<float>(rng() % 8388608) / 8388608.0f,
+                                                           static_cast<int>(rng() % 226) - 100));
+  long mismatches = 0, fast = 0, pairs = 0;
+  for (const float s : scales) {
+    const float inv = kvq::reciprocal(s);
+    for (const float x : xs) {
+      bool exact = false;
+      const std::int8_t q = kvq::quantize_by_reciprocal(x, s, inv, exact);
+      const std::int8_t want = kvq::quantize_value(x, s);
+      if (exact && q != want && ++mismatches <= 5)
+        ADD_FAILURE() << "x = " << x << ", scale = " << s << ": " << int(q) << " != " << int(want);
+      fast += exact;
+      ++pairs;
+    }
+  }
+  EXPECT_EQ(mismatches, 0) << "of " << pairs << " pairs";
+  // bf16 reaches 3.4e38, so under small scales x * (1 / scale) overflows and divides (a fifth).
+  EXPECT_GT(fast, pairs * 3 / 4) << "the fast path must carry most pairs for this to test it";
+}
+
+TEST(ReciprocalPath, EqualsTheDivisionOnEveryFp16Value) { expect_reciprocal_path_equals_division<__half>(1); }
+TEST(ReciprocalPath, EqualsTheDivisionOnEveryBf16Value) {
+  expect_reciprocal_path_equals_division<__nv_bfloat16>(2);
+}
+
+// fp32 values on and one to four ulps either side of ties k + 0.5 of random scales.
+TEST(ReciprocalPath, EqualsTheDivisionNextToFp32Ties) {
+  std::mt19937 rng(3);
+  long mismatches = 0;
+  for (int i = 0; i < 2000000; ++i) {
+    const float s = std::ldexp(1.0f + static_cast<float>(rng() % 8388608) / 8388608.0f, static_cast<int>(rng() % 200) - 90);
+    const float tie = (static_cast<float>(static_cast<int>(rng() % 256) - 128) + 0.5f) * s;
+    const float x = from_bits(bits(tie) + static_cast<std::uint32_t>(static_cast<int>(rng() % 9) - 4));
+    if (!std::isfinite(x)) continue;
+    bool exact = false;
+    const std::int8_t q = kvq::quantize_by_reciprocal(x, s, kvq::reciprocal(s), exact);
+    if (exact && q != kvq::quantize_value(x, s) && ++mismatches <= 5)
+      ADD_FAILURE() << "x = " << x << ", scale = " << s;
+  }
+  EXPECT_EQ(mismatches, 0);
+}
+
 TEST(QuantizeValue, NonFiniteInputs) {
   EXPECT_EQ(kvq::quantize_value(kNaN, 0.5f), 0);
   EXPECT_EQ(kvq::quantize_value(kInf, 0.5f), 127);

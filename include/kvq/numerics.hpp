@@ -137,7 +137,6 @@ __host__ __device__ inline float reciprocal(float scale) {
   return (scale >= kMinFastScale && scale <= kMaxFastScale) ? r : bits_to_float(0x7fc00000u);
 }
 
-#ifdef __CUDA_ARCH__
 /// The GPU's path: the code of x / scale with no division, no branch and no conversion
 /// instruction, given inv_scale = reciprocal(scale), bit-identical to quantize_value(x, scale).
 ///
@@ -154,26 +153,38 @@ __host__ __device__ inline float reciprocal(float scale) {
 ///
 /// `exact` is false when q2 is NaN: a NaN or Inf input, x * inv_scale overflowing (such codes
 /// saturate) or a NaN reciprocal (scale outside the fast range). The caller then divides.
-///
-/// code_word returns the bits of the rounded float, whose low byte is the code (so that four codes
-/// pack into a word with byte permutes); quantize_by_reciprocal returns the code.
 /// (An exhaustive check of every fp16 and bf16 value against every scale amax / 127 of those
 /// formats, and 2e8 fp32 values next to ties, found no difference from the division even with one
 /// step; the second step is what the proof needs.)
-__device__ inline std::uint32_t code_word(float x, float scale, float inv_scale, bool& exact) {
+///
+/// code_word returns the bits of the rounded float, whose low byte is the code (so that four codes
+/// pack into a word with byte permutes); quantize_by_reciprocal returns the code.
+///
+/// Also compiled for the host (std::fma is the same correctly rounded fused multiply-add), so the
+/// CPU tests check this arithmetic against the division (numerics_test.cpp); on the host the
+/// library itself still divides.
+__host__ __device__ inline std::uint32_t code_word(float x, float scale, float inv_scale, bool& exact) {
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (RNE)
+#ifdef __CUDA_ARCH__
   float q = __fmul_rn(x, inv_scale);
   q = __fmaf_rn(__fmaf_rn(-q, scale, x), inv_scale, q);
   q = __fmaf_rn(__fmaf_rn(-q, scale, x), inv_scale, q);
   exact = q == q;
   const float c = fminf(fmaxf(q, -Int8Codes::kMaxF), Int8Codes::kMaxF);
   return __float_as_uint(__fadd_rn(c, kRoundMagic));  // low byte: the code, two's complement
+#else
+  float q = x * inv_scale;
+  q = std::fma(std::fma(-q, scale, x), inv_scale, q);
+  q = std::fma(std::fma(-q, scale, x), inv_scale, q);
+  exact = q == q;
+  const float c = std::fmin(std::fmax(q, -Int8Codes::kMaxF), Int8Codes::kMaxF);
+  return float_bits(c + kRoundMagic);
+#endif
 }
 
-__device__ inline std::int8_t quantize_by_reciprocal(float x, float scale, float inv_scale, bool& exact) {
+__host__ __device__ inline std::int8_t quantize_by_reciprocal(float x, float scale, float inv_scale, bool& exact) {
   return static_cast<std::int8_t>(code_word(x, scale, inv_scale, exact) & 0xffu);
 }
-#endif
 
 /// Same result as quantize_value(x, scale), bit for bit, given inv_scale = reciprocal(scale); on
 /// the GPU it multiplies and corrects (quantize_by_reciprocal), on the host it divides.
