@@ -28,9 +28,9 @@ template <> struct AccessType<16> { using type = uint4; };
 
 namespace device {
 
-/// N elements of E with the alignment of the whole array (at most 16 bytes), so that a load or
-/// store of it is one N * sizeof(E)-byte access (N * sizeof(E) in {1, 2, 4, 8, 16}), or several
-/// 16-byte ones (32, 64).
+/// N elements of E with the alignment of the whole array (capped at 16 bytes, the widest access),
+/// so that a load or store of it is one N * sizeof(E)-byte access (N * sizeof(E) in
+/// {1, 2, 4, 8, 16}). Wider fragments (the fp32 scales of 8 channels) only live in registers.
 template <class E, int N>
 struct alignas(sizeof(E) * N < 16 ? sizeof(E) * N : 16) Fragment {
   E v[N];
@@ -38,41 +38,23 @@ struct alignas(sizeof(E) * N < 16 ? sizeof(E) * N : 16) Fragment {
   __host__ __device__ const E& operator[](int i) const { return v[i]; }
 };
 
-
-/// One vector load; `p` must be aligned to sizeof(E) * N (up to 16 bytes: a fragment of more
-/// than 16 bytes is moved as several 16-byte accesses).
+/// One vector load; `p` must be aligned to sizeof(E) * N.
 template <int N, class E>
 __device__ inline Fragment<E, N> load(const E* p) {
+  using Access = typename detail::AccessType<sizeof(E) * N>::type;
+  const Access a = *reinterpret_cast<const Access*>(p);
   Fragment<E, N> f;
-  if constexpr (sizeof(E) * N > 16) {
-    static_assert(sizeof(E) * N % 16 == 0, "whole 16-byte accesses");
-    uint4 a[sizeof(E) * N / 16];
-#pragma unroll
-    for (int i = 0; i < static_cast<int>(sizeof(a) / 16); ++i) a[i] = reinterpret_cast<const uint4*>(p)[i];
-    memcpy(&f, a, sizeof(f));
-  } else {
-    using Access = typename detail::AccessType<sizeof(E) * N>::type;
-    const Access a = *reinterpret_cast<const Access*>(p);
-    memcpy(&f, &a, sizeof(f));
-  }
+  memcpy(&f, &a, sizeof(f));
   return f;
 }
 
-/// One vector store; `p` must be aligned to sizeof(E) * N (up to 16 bytes, as for load).
+/// One vector store; `p` must be aligned to sizeof(E) * N.
 template <int N, class E>
 __device__ inline void store(E* p, const Fragment<E, N>& f) {
-  if constexpr (sizeof(E) * N > 16) {
-    static_assert(sizeof(E) * N % 16 == 0, "whole 16-byte accesses");
-    uint4 a[sizeof(E) * N / 16];
-    memcpy(a, &f, sizeof(a));
-#pragma unroll
-    for (int i = 0; i < static_cast<int>(sizeof(a) / 16); ++i) reinterpret_cast<uint4*>(p)[i] = a[i];
-  } else {
-    using Access = typename detail::AccessType<sizeof(E) * N>::type;
-    Access a;
-    memcpy(&a, &f, sizeof(a));
-    *reinterpret_cast<Access*>(p) = a;
-  }
+  using Access = typename detail::AccessType<sizeof(E) * N>::type;
+  Access a;
+  memcpy(&a, &f, sizeof(a));
+  *reinterpret_cast<Access*>(p) = a;
 }
 
 /// The bits of a fragment of N elements of E as one machine word or vector (uint32_t, uint2, uint4).
