@@ -187,22 +187,22 @@ struct RawAbs<float> {
   __device__ static std::uint32_t fold(std::uint32_t m) { return m; }
   __device__ static float value(std::uint32_t bits) { return __uint_as_float(bits); }
 };
-template <>
-struct RawAbs<__half> {
-  static constexpr std::uint32_t kNonfinite = 0x7c00u;
-  static constexpr std::uint32_t kMask = 0x7fff7fffu;  // two values per word
+/// fp16 and bf16: two values per 32-bit word.
+struct RawAbsPairs {
+  static constexpr std::uint32_t kMask = 0x7fff7fffu;
   __device__ static std::uint32_t max(std::uint32_t a, std::uint32_t b) { return __vmaxu2(a, b); }
   __device__ static std::uint32_t fold(std::uint32_t m) { return ::max(m & 0xffffu, m >> 16); }
+};
+template <>
+struct RawAbs<__half> : RawAbsPairs {
+  static constexpr std::uint32_t kNonfinite = 0x7c00u;
   __device__ static float value(std::uint32_t bits) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
   }
 };
 template <>
-struct RawAbs<__nv_bfloat16> {
+struct RawAbs<__nv_bfloat16> : RawAbsPairs {
   static constexpr std::uint32_t kNonfinite = 0x7f80u;
-  static constexpr std::uint32_t kMask = 0x7fff7fffu;
-  __device__ static std::uint32_t max(std::uint32_t a, std::uint32_t b) { return __vmaxu2(a, b); }
-  __device__ static std::uint32_t fold(std::uint32_t m) { return ::max(m & 0xffffu, m >> 16); }
   __device__ static float value(std::uint32_t bits) { return __uint_as_float(bits << 16); }
 };
 

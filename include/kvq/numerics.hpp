@@ -100,6 +100,23 @@ __host__ __device__ inline float mul_rn(float a, float b) {
 #endif
 }
 
+__host__ __device__ inline float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+/// a * b + c with one rounding (std::fma on the host, FFMA on the GPU).
+__host__ __device__ inline float fma_rn(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 /// The scale of a group from its amax (the max of |x| over its finite values, 0 if none).
 __host__ __device__ inline float scale_from_amax(float amax) {
   const float s = div_rn(amax, Int8Codes::kMaxF);
@@ -160,26 +177,17 @@ __host__ __device__ inline float reciprocal(float scale) {
 /// code_word returns the bits of the rounded float, whose low byte is the code (so that four codes
 /// pack into a word with byte permutes); quantize_by_reciprocal returns the code.
 ///
-/// Also compiled for the host (std::fma is the same correctly rounded fused multiply-add), so the
+/// Also compiled for the host (fma_rn is std::fma there, the same correctly rounded operation), so the
 /// CPU tests check this arithmetic against the division (numerics_test.cpp); on the host the
 /// library itself still divides.
 __host__ __device__ inline std::uint32_t code_word(float x, float scale, float inv_scale, bool& exact) {
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (RNE)
-#ifdef __CUDA_ARCH__
-  float q = __fmul_rn(x, inv_scale);
-  q = __fmaf_rn(__fmaf_rn(-q, scale, x), inv_scale, q);
-  q = __fmaf_rn(__fmaf_rn(-q, scale, x), inv_scale, q);
+  float q = mul_rn(x, inv_scale);
+  q = fma_rn(fma_rn(-q, scale, x), inv_scale, q);
+  q = fma_rn(fma_rn(-q, scale, x), inv_scale, q);
   exact = q == q;
   const float c = fminf(fmaxf(q, -Int8Codes::kMaxF), Int8Codes::kMaxF);
-  return __float_as_uint(__fadd_rn(c, kRoundMagic));  // low byte: the code, two's complement
-#else
-  float q = x * inv_scale;
-  q = std::fma(std::fma(-q, scale, x), inv_scale, q);
-  q = std::fma(std::fma(-q, scale, x), inv_scale, q);
-  exact = q == q;
-  const float c = std::fmin(std::fmax(q, -Int8Codes::kMaxF), Int8Codes::kMaxF);
-  return float_bits(c + kRoundMagic);
-#endif
+  return float_bits(add_rn(c, kRoundMagic));  // low byte: the code, two's complement
 }
 
 __host__ __device__ inline std::int8_t quantize_by_reciprocal(float x, float scale, float inv_scale, bool& exact) {
