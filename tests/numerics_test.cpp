@@ -195,6 +195,44 @@ TEST(ReciprocalPath, EqualsTheDivisionOnEveryBf16Value) {
   expect_reciprocal_path_equals_division<__nv_bfloat16>(2);
 }
 
+// code_word_within_amax, exhaustively over its whole domain: every positive finite amax of the
+// format whose scale lies in the fast range, and every value of the format with |x| <= amax (both
+// signs). About 1e9 pairs per format; the GPU's one-pass per-token and grouped per-channel kernels
+// take this path for 16-bit data.
+template <class T>
+void expect_within_amax_path_equals_division() {
+  std::vector<float> positive;  // ascending
+  for (std::uint32_t b = 1; b < 0x8000; ++b) {
+    const float x = kvq::to_float(from_bits16<T>(static_cast<std::uint16_t>(b)));
+    if (std::isfinite(x)) positive.push_back(x);
+  }
+  long mismatches = 0, pairs = 0, amaxes = 0;
+  for (std::size_t ia = 0; ia < positive.size(); ++ia) {
+    const float amax = positive[ia];
+    if (amax < kvq::kMinFastAmax) continue;
+    const float s = kvq::scale_from_amax(amax), inv = kvq::reciprocal(s);
+    ASSERT_EQ(inv, inv) << "amax " << amax << ": scale outside the fast range";
+    ++amaxes;
+    for (std::size_t ix = 0; ix <= ia; ++ix) {
+      for (const float x : {positive[ix], -positive[ix]}) {
+        const auto q = static_cast<std::int8_t>(kvq::code_word_within_amax(x, s, inv) & 0xffu);
+        if (q != kvq::quantize_value(x, s) && ++mismatches <= 5)
+          ADD_FAILURE() << "x = " << x << ", amax = " << amax << ": " << int(q) << " != " << int(kvq::quantize_value(x, s));
+        ++pairs;
+      }
+    }
+    EXPECT_EQ(kvq::code_word_within_amax(0.0f, s, inv) & 0xffu, 0u);
+  }
+  EXPECT_EQ(mismatches, 0) << "of " << pairs << " pairs";
+  EXPECT_GT(pairs, 1'000'000'000L);  // the whole domain, not a sample
+  EXPECT_GT(amaxes, 28000);
+}
+
+TEST(ReciprocalPath, Fp16WithinTheGroupAmaxEqualsTheDivision) { expect_within_amax_path_equals_division<__half>(); }
+TEST(ReciprocalPath, Bf16WithinTheGroupAmaxEqualsTheDivision) {
+  expect_within_amax_path_equals_division<__nv_bfloat16>();
+}
+
 // fp32 values on and one to four ulps either side of ties k + 0.5 of random scales.
 TEST(ReciprocalPath, EqualsTheDivisionNextToFp32Ties) {
   std::mt19937 rng(3);

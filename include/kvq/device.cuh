@@ -76,6 +76,25 @@ __device__ inline Fragment<E, N> unpack(const Bits<N, E>& b) {
   return f;
 }
 
+/// The low byte of each of N words (code_word results) as N codes: four to a word with three byte
+/// permutes rather than a mask, shift and merge per code.
+template <int N>
+__device__ inline Fragment<std::int8_t, N> low_bytes(const std::uint32_t (&word)[N]) {
+  Fragment<std::int8_t, N> q;
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int w = 0; w < N / 4; ++w) {
+      const std::uint32_t packed = __byte_perm(__byte_perm(word[4 * w], word[4 * w + 1], 0x0040u),
+                                               __byte_perm(word[4 * w + 2], word[4 * w + 3], 0x0040u), 0x5410u);
+      memcpy(&q.v[4 * w], &packed, sizeof(packed));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) q[i] = static_cast<std::int8_t>(word[i] & 0xffu);
+  }
+  return q;
+}
+
 /// Codes of N values under one scale (read as the host API reads given scales: sanitize_scale).
 template <int N, class T>
 __device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, float scale) {
@@ -110,19 +129,21 @@ __device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, con
       if (!e) word[i] = static_cast<std::uint8_t>(quantize_value(to_float(x[i]), scale[i]));
     }
   }
-  Fragment<std::int8_t, N> q;
-  if constexpr (N % 4 == 0) {  // the low bytes of four words into one: three byte permutes
+  return low_bytes<N>(word);
+}
+
+/// quantize() for N fp16 / bf16 values whose scales were computed from their own groups, when every
+/// value is finite and every group amax is zero or at least kMinFastAmax (code_word_within_amax:
+/// one correction step, no clamp, no NaN test). Bit-identical to quantize_value there.
+template <int N, class T>
+__device__ inline Fragment<std::int8_t, N> quantize_within_amax(const Fragment<T, N>& x,
+                                                                const Fragment<float, N>& scale,
+                                                                const Fragment<float, N>& inv_scale) {
+  static_assert(sizeof(T) == 2, "the exhaustive check behind code_word_within_amax covers fp16 and bf16");
+  std::uint32_t word[N];
 #pragma unroll
-    for (int w = 0; w < N / 4; ++w) {
-      const std::uint32_t packed = __byte_perm(__byte_perm(word[4 * w], word[4 * w + 1], 0x0040u),
-                                               __byte_perm(word[4 * w + 2], word[4 * w + 3], 0x0040u), 0x5410u);
-      memcpy(&q.v[4 * w], &packed, sizeof(packed));
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) q[i] = static_cast<std::int8_t>(word[i] & 0xffu);
-  }
-  return q;
+  for (int i = 0; i < N; ++i) word[i] = code_word_within_amax(to_float(x[i]), scale[i], inv_scale[i]);
+  return low_bytes<N>(word);
 }
 
 /// float(q) of each code, exactly. Four codes at a time go through the bits of 2^23 + (q + 128)

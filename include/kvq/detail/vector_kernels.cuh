@@ -193,33 +193,42 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     const std::int64_t c = unit * V, rest = tile / p.col_tiles;
     // The tile's rows: per-token, flattened rows [r_begin, r_end); per-channel, tokens
     // [r_begin, r_end) of batch b, all in scale row `scale_row`.
-    std::int64_t r_begin, r_end, base = c, group_of_c = 0;
-    Fragment<float, V> scale, inv;
+    std::int64_t r_begin, r_end, base = c, group_of_c = 0, scale_row = 0;
     if constexpr (kPerToken) {
       r_begin = rest * p.rows_per_tile;
       r_end = min(r_begin + p.rows_per_tile, p.rows);
       group_of_c = p.group_div.div(static_cast<std::uint32_t>(c));
     } else {
-      const std::int64_t scale_row = rest / p.sub_tiles, b = scale_row / p.groups, g = scale_row % p.groups;
+      scale_row = rest / p.sub_tiles;
+      const std::int64_t b = scale_row / p.groups, g = scale_row % p.groups;
       r_begin = g * p.group + rest % p.sub_tiles * p.rows_per_tile;
       r_end = min(min(r_begin + p.rows_per_tile, (g + 1) * p.group), p.tokens);
       base += b * p.batch_stride;
+    }
+    auto offset = [&](std::int64_t r) {
+      return kPerToken ? p.row_offset(static_cast<std::uint32_t>(r)) + c : base + r * p.token_stride;
+    };
+    device::Bits<V, In> x[kItems];
+    auto load_rows = [&](std::int64_t r0) {
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const std::int64_t r = r0 + k * row_lanes;
+        if (r < r_end) x[k] = device::load_bits<V>(in + offset(r));
+      }
+    };
+    // The first rows are requested before the per-channel scales are read and inverted, so that
+    // the two memory latencies overlap: a decode-sized view is one pass per thread.
+    std::int64_t r0 = r_begin + (tid >> p.lanes_log2);
+    load_rows(r0);
+    Fragment<float, V> scale, inv;
+    if constexpr (!kPerToken) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         scale[j] = sanitize_scale(scales[scale_row * p.channels + c + j]);
         if constexpr (!kDequantize) inv[j] = reciprocal(scale[j]);
       }
     }
-    auto offset = [&](std::int64_t r) {
-      return kPerToken ? p.row_offset(static_cast<std::uint32_t>(r)) + c : base + r * p.token_stride;
-    };
-    for (std::int64_t r0 = r_begin + (tid >> p.lanes_log2); r0 < r_end; r0 += kItems * row_lanes) {
-      device::Bits<V, In> x[kItems];
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) {
-        const std::int64_t r = r0 + k * row_lanes;
-        if (r < r_end) x[k] = device::load_bits<V>(in + offset(r));
-      }
+    while (r0 < r_end) {
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
         const std::int64_t r = r0 + k * row_lanes;
@@ -241,6 +250,8 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
           device::store<V>(out + offset(r), device::quantize<V>(f, scale, inv));
         }
       }
+      r0 += kItems * row_lanes;
+      load_rows(r0);
     }
   }
   if (bad != 0) atomicAdd(nonfinite, bad);
@@ -349,9 +360,14 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
           if (colmax[j] != 0.0f) atomicMax(&amax_bits[lane * V + j], float_bits(colmax[j]));
       __syncthreads();
       Fragment<float, V> scale, inv;
+      // 16-bit rows that are all finite, under scales in the fast range, take the lean arithmetic
+      // (device::quantize_within_amax).
+      bool within_amax = sizeof(T) == 2 && !has_nonfinite;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        scale[j] = scale_from_amax(bits_to_float(amax_bits[lane * V + j]));
+        const float group_amax = bits_to_float(amax_bits[lane * V + j]);
+        within_amax &= group_amax == 0.0f || group_amax >= kMinFastAmax;
+        scale[j] = scale_from_amax(group_amax);
         inv[j] = reciprocal(scale[j]);
       }
       if (active && tid < lanes)
@@ -359,11 +375,25 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
         for (int j = 0; j < V; ++j) scales[scale_row * p.channels + c + j] = scale[j];
       if (active && q != nullptr) {
         std::int8_t* q_base = q + b * p.batch_stride + c;
+        auto write = [&](auto lean) {
 #pragma unroll
-        for (int i = 0; i < kRowItems; ++i) {
-          const std::int64_t r = r_first + i * row_lanes;
-          if (r < r_end)
-            device::store<V>(q_base + r * p.token_stride, device::quantize<V>(device::unpack<T, V>(held[i]), scale, inv));
+          for (int i = 0; i < kRowItems; ++i) {
+            const std::int64_t r = r_first + i * row_lanes;
+            if (r >= r_end) break;
+            const Fragment<T, V> f = device::unpack<T, V>(held[i]);
+            if constexpr (decltype(lean)::value)
+              device::store<V>(q_base + r * p.token_stride, device::quantize_within_amax<V>(f, scale, inv));
+            else
+              device::store<V>(q_base + r * p.token_stride, device::quantize<V>(f, scale, inv));
+          }
+        };
+        if constexpr (sizeof(T) == 2) {
+          if (within_amax)
+            write(std::true_type{});
+          else
+            write(std::false_type{});
+        } else {
+          write(std::false_type{});
         }
       }
       __syncthreads();  // amax_bits is zeroed again by the next tile
@@ -391,9 +421,15 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
   const int tid = static_cast<int>(threadIdx.x), warp = tid / kWarpSize;
   const int lanes = 1 << p.lanes_log2, lane = tid & (lanes - 1);
   const int row_lanes = kThreads >> p.lanes_log2;
+  // Who writes a scale: the first lane of each group segment, or lane 0 of a row-wide group that
+  // spans several warps. Fixed per thread, so decided once.
+  const bool seg_leader = p.seg_log2 >= 0 && (lane & ((1 << p.seg_log2) - 1)) == 0;
+  const bool row_leader = p.seg_log2 < 0 && lane == 0;
+  const int unit_stride = lanes * V;  // elements between a thread's units along a row
   unsigned long long bad = 0;
 
   for (std::int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const unsigned long long bad_before_tile = bad;
     const std::int64_t row0 = tile * p.rows_per_tile + (tid >> p.lanes_log2);
     device::Bits<V, T> v[kRowItems][kColItems];
     float amax[kRowItems][kColItems];
@@ -446,34 +482,56 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
       __syncthreads();  // warp_amax is written again by the next tile
     }
 
+    // Codes, under each group's scale. 16-bit data whose values here are all finite, under scales
+    // in the fast range, takes the lean arithmetic (device::quantize_within_amax), decided once per
+    // tile so that each path is one straight run of code.
+    auto write = [&](auto within_amax) {
 #pragma unroll
-    for (int i = 0; i < kRowItems; ++i) {
-      const std::int64_t r = row0 + static_cast<std::int64_t>(i) * row_lanes;
-      if (r >= p.rows) break;
-      const std::int64_t offset = p.row_offset(static_cast<std::uint32_t>(r));
-      // A row-wide group has one scale for all j: two divisions per row item, not per unit.
-      float scale = scale_from_amax(amax[i][0]), inv = reciprocal(scale);
+      for (int i = 0; i < kRowItems; ++i) {
+        const std::int64_t r = row0 + static_cast<std::int64_t>(i) * row_lanes;
+        if (r >= p.rows) break;
+        std::int8_t* q_row = q + (q != nullptr ? p.row_offset(static_cast<std::uint32_t>(r)) + lane * V : 0);
+        float* s_row = scales + r * p.groups;
+        // A row-wide group has one scale for all j: two divisions per row item, not per unit.
+        float scale = scale_from_amax(amax[i][0]), inv = reciprocal(scale);
 #pragma unroll
-      for (int j = 0; j < kColItems; ++j) {
-        const int unit = lane + j * lanes;
-        if (unit >= p.units) break;
-        if (j > 0 && !p.row_group) {
-          scale = scale_from_amax(amax[i][j]);
-          inv = reciprocal(scale);
-        }
-        const bool leader = p.seg_log2 >= 0 ? (lane & ((1 << p.seg_log2) - 1)) == 0 : (lane == 0 && j == 0);
-        if (leader) scales[r * p.groups + (p.row_group ? 0 : (unit >> p.seg_log2))] = scale;
-        if (q != nullptr) {
-          Fragment<float, V> s, rs;
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            s[e] = scale;
-            rs[e] = inv;
+        for (int j = 0; j < kColItems; ++j) {
+          if (lane + j * lanes >= p.units) break;
+          if (j > 0 && !p.row_group) {
+            scale = scale_from_amax(amax[i][j]);
+            inv = reciprocal(scale);
           }
-          device::store<V>(q + offset + static_cast<std::int64_t>(unit) * V,
-                           device::quantize<V>(device::unpack<T, V>(v[i][j]), s, rs));
+          if (seg_leader) s_row[(lane + j * lanes) >> p.seg_log2] = scale;
+          if (row_leader && j == 0) s_row[0] = scale;
+          if (q != nullptr) {
+            Fragment<float, V> s, rs;
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+              s[e] = scale;
+              rs[e] = inv;
+            }
+            const Fragment<T, V> f = device::unpack<T, V>(v[i][j]);
+            std::int8_t* out = q_row + j * unit_stride;
+            if constexpr (decltype(within_amax)::value)
+              device::store<V>(out, device::quantize_within_amax<V>(f, s, rs));
+            else
+              device::store<V>(out, device::quantize<V>(f, s, rs));
+          }
         }
       }
+    };
+    if constexpr (sizeof(T) == 2) {
+      bool within_amax = bad == bad_before_tile;
+#pragma unroll
+      for (int i = 0; i < kRowItems; ++i)
+#pragma unroll
+        for (int j = 0; j < kColItems; ++j) within_amax &= amax[i][j] == 0.0f || amax[i][j] >= kMinFastAmax;
+      if (within_amax)
+        write(std::true_type{});
+      else
+        write(std::false_type{});
+    } else {
+      write(std::false_type{});
     }
   }
   if (bad != 0 && nonfinite != nullptr) atomicAdd(nonfinite, bad);

@@ -33,7 +33,8 @@ struct WholeVectorPolicy {
   static constexpr int kThreads = 256;
   static constexpr int kMinBlocksPerSM = 4;  // caps registers at 64
   static constexpr int kMinBlocksPerSMHolding = 3;  // channel_scales_kernel, one pass: 85 registers
-  static constexpr int kItems = 4;           // vector_apply_kernel: rows per thread per pass
+  static constexpr int kItems = 4;           // vector_apply_kernel, channel_scales_kernel: rows per thread
+                                             // per pass (more rows made dequantize slower on the H200)
   static constexpr int kTokenItems = 8;      // token_scales_kernel: units held per thread,
   static constexpr int kTokenRowItems = 4;   // from at most this many rows
   static constexpr int kChannelRowItems = 8; // channel_scales_kernel, one pass: rows held per thread
