@@ -148,9 +148,10 @@ inline std::vector<std::int64_t> test_tokens() {
   if (small_shapes()) return {1, 3, 257};
   return {1, 3, 257, 4099};
 }
+// 264 and 1000: rows of 33 to 250 vectors, which one warp holds several to a lane (per-token).
 inline std::vector<std::int64_t> test_channels() {
-  if (small_shapes()) return {1, 46, 130};
-  return {1, 46, 64, 96, 128, 130, 8192};
+  if (small_shapes()) return {1, 46, 130, 264};
+  return {1, 46, 64, 96, 128, 130, 264, 1000, 8192};
 }
 
 constexpr Variant kAllVariants[] = {Variant::kNaive, Variant::kTiled, Variant::kCoarsened, Variant::kVectorized,

@@ -194,8 +194,9 @@ __host__ __device__ inline std::uint32_t code_word(float x, float scale, float i
 constexpr float kMinFastAmax = 0x1p-93f;
 
 /// code_word for one case that covers most of the work: x is an fp16 or bf16 value of a group whose
-/// scale was computed from it (scale = scale_from_amax(amax), amax >= |x|, amax zero or at least
-/// kMinFastAmax, inv_scale = reciprocal(scale)). There one correction step gives the right code and
+/// scale was computed from it (scale = scale_from_amax(amax), amax >= |x|), the scale is inside the
+/// fast range and inv_scale = reciprocal(scale) (so not NaN; an amax of zero or at least
+/// kMinFastAmax guarantees that). There one correction step gives the right code and
 /// no clamp is needed: |x / scale| <= 127 * (1 + 2^-23). Both are shown by exhaustion, since such x
 /// and scales are finite sets: every fp16 and every bf16 amax with every value of its format at most
 /// that amax in magnitude, about 2e9 pairs, equals quantize_value (numerics_test.cpp,

@@ -53,7 +53,7 @@ cudaError_t scales_and_codes(const T* x, const KvView& view, const QuantSpec& sp
     KVQ_TRY(cudaMemsetAsync(scales, 0, static_cast<std::size_t>(n) * sizeof(float), stream));
     KVQ_TRY(S::scales(x, view, spec, TileMode::kAtomicAmax, scales, nullptr, stream));
     KVQ_TRY(finalize_scales(scales, n, stream));
-    return q == nullptr ? cudaSuccess : S::template apply<T>(x, scales, view, uncounted, q, stream);
+    return q == nullptr ? cudaSuccess : S::template codes_under_own_scales<T>(x, scales, view, uncounted, q, stream);
   });
 }
 

@@ -480,6 +480,14 @@ struct TileStrategy {
       default: return apply_at<1>(in, scales, view, spec, out, stream);
     }
   }
+
+  /// Codes of x under scales computed from x itself (the second pass of whole-sequence scales).
+  /// The tile kernels take the general arithmetic for it.
+  template <class T>
+  static cudaError_t codes_under_own_scales(const T* x, const float* scales, const KvView& view,
+                                            const QuantSpec& spec, std::int8_t* q, cudaStream_t stream) {
+    return apply<T>(x, scales, view, spec, q, stream);
+  }
 };
 
 }  // namespace v0_1

@@ -122,6 +122,9 @@ template <class Policy>
 inline VectorPlan plan_token_scales(const KvView& view, const QuantSpec& spec, int V, bool& ok) {
   constexpr int threads = Policy::kThreads, max_items = Policy::kTokenItems;
   VectorPlan p = plan_vector_apply(view, spec, threads, 1, V);
+  // A row that one warp can hold (at most kTokenItems units per lane) is reduced with shuffles
+  // alone: no shared memory, no barrier, and its scale is computed by fewer threads.
+  if (p.units <= kWarpSize * max_items) p.lanes_log2 = std::min(p.lanes_log2, 5);
   const std::int64_t lanes = std::int64_t{1} << p.lanes_log2;
   p.col_tiles = 1;
   p.col_items = static_cast<int>(pow2_ceil(ceil_div<std::int64_t>(p.units, lanes)));  // 1, 2, 4, 8...
@@ -172,8 +175,9 @@ inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec,
 ///
 /// Per-channel, a tile lies in one (batch, token group), so a thread reads its V scales and their
 /// reciprocals once per tile. Per-token, a unit lies in one group (group % V == 0) and each row item
-/// reads its own scale.
-template <class Policy, int V, bool kPerToken, class In, class Out>
+/// reads its own scale. kWithinAmax (per-channel, 16-bit In): the scales were computed from `in`
+/// itself, so finite units under fast-range scales take device::quantize_within_amax.
+template <class Policy, int V, bool kPerToken, class In, class Out, bool kWithinAmax = false>
 KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     vector_apply_kernel(const In* __restrict__ in,  // view (batch, tokens, channels)
                         const float* __restrict__ scales,  // scale_shape(view, spec)
@@ -221,11 +225,13 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     std::int64_t r0 = r_begin + (tid >> p.lanes_log2);
     load_rows(r0);
     Fragment<float, V> scale, inv;
+    bool fast_scales = kWithinAmax;  // every reciprocal in the fast range
     if constexpr (!kPerToken) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         scale[j] = sanitize_scale(scales[scale_row * p.channels + c + j]);
         if constexpr (!kDequantize) inv[j] = reciprocal(scale[j]);
+        if constexpr (kWithinAmax) fast_scales &= inv[j] == inv[j];
       }
     }
     while (r0 < r_end) {
@@ -247,6 +253,12 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
         } else {
           const Fragment<In, V> f = device::unpack<In, V>(x[k]);
           if (nonfinite != nullptr) bad += device::count_nonfinite(f);
+          if constexpr (kWithinAmax) {  // finite 16-bit values under their own group's scales
+            if (fast_scales && device::raw_abs_max(f) < device::RawAbs<In>::kNonfinite) {
+              device::store<V>(out + offset(r), device::quantize_within_amax<V>(f, scale, inv));
+              continue;
+            }
+          }
           device::store<V>(out + offset(r), device::quantize<V>(f, scale, inv));
         }
       }
@@ -274,7 +286,8 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
                           std::int8_t* __restrict__ q,  // same view as x, or null (kScales only)
                           unsigned long long* nonfinite) {  // optional counter
   constexpr int kThreads = Policy::kThreads, kItems = Policy::kItems, kRowItems = Policy::kChannelRowItems;
-  __shared__ std::uint32_t amax_bits[kThreads * V];  // kScales: the tile's channels
+  __shared__ std::uint32_t amax_bits[kThreads * V];  // kScales: the tile's channels (amax, then scale)
+  __shared__ float tile_inv[kMode == TileMode::kScales ? kThreads * V : 1];  // kScales: reciprocals
   const int tid = static_cast<int>(threadIdx.x);
   const int lanes = 1 << p.lanes_log2, lane = tid & (lanes - 1), row_lanes = kThreads >> p.lanes_log2;
   constexpr bool scales_mode = kMode == TileMode::kScales;
@@ -359,20 +372,26 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
         for (int j = 0; j < V; ++j)
           if (colmax[j] != 0.0f) atomicMax(&amax_bits[lane * V + j], float_bits(colmax[j]));
       __syncthreads();
+      // Each of the tile's lanes * V scales and reciprocals is computed by one thread, not by every
+      // row lane: the scale's bits replace the amax's.
+      const std::int64_t first_c = ((tile % p.col_tiles) << p.lanes_log2) * V;
+      for (int k = tid; k < lanes * V; k += kThreads) {
+        const float s = scale_from_amax(bits_to_float(amax_bits[k]));
+        amax_bits[k] = float_bits(s);
+        tile_inv[k] = reciprocal(s);
+        if (first_c + k < p.channels) scales[scale_row * p.channels + first_c + k] = s;
+      }
+      __syncthreads();
       Fragment<float, V> scale, inv;
       // 16-bit rows that are all finite, under scales in the fast range, take the lean arithmetic
       // (device::quantize_within_amax).
       bool within_amax = sizeof(T) == 2 && !has_nonfinite;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float group_amax = bits_to_float(amax_bits[lane * V + j]);
-        within_amax &= group_amax == 0.0f || group_amax >= kMinFastAmax;
-        scale[j] = scale_from_amax(group_amax);
-        inv[j] = reciprocal(scale[j]);
+        scale[j] = bits_to_float(amax_bits[lane * V + j]);
+        inv[j] = tile_inv[lane * V + j];
+        within_amax &= inv[j] == inv[j];
       }
-      if (active && tid < lanes)
-#pragma unroll
-        for (int j = 0; j < V; ++j) scales[scale_row * p.channels + c + j] = scale[j];
       if (active && q != nullptr) {
         std::int8_t* q_base = q + b * p.batch_stride + c;
         auto write = [&](auto lean) {
@@ -421,10 +440,10 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
   const int tid = static_cast<int>(threadIdx.x), warp = tid / kWarpSize;
   const int lanes = 1 << p.lanes_log2, lane = tid & (lanes - 1);
   const int row_lanes = kThreads >> p.lanes_log2;
-  // Who writes a scale: the first lane of each group segment, or lane 0 of a row-wide group that
-  // spans several warps. Fixed per thread, so decided once.
-  const bool seg_leader = p.seg_log2 >= 0 && (lane & ((1 << p.seg_log2) - 1)) == 0;
-  const bool row_leader = p.seg_log2 < 0 && lane == 0;
+  // Who writes a scale: lane 0 of a row-wide group, or the first lane of each group segment.
+  // Fixed per thread, so decided once.
+  const bool row_leader = p.row_group && lane == 0;
+  const bool seg_leader = !p.row_group && (lane & ((1 << p.seg_log2) - 1)) == 0;
   const int unit_stride = lanes * V;  // elements between a thread's units along a row
   unsigned long long bad = 0;
 
@@ -454,7 +473,17 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     }
 
     // Group amax. Values are finite and non-negative, so fmaxf is exact and order-free.
-    if (p.seg_log2 >= 0) {  // each group lies in `seg` neighbouring lanes at one item
+    if (p.seg_log2 >= 0 && p.row_group) {  // each row lies in the `seg` lanes of one warp
+#pragma unroll
+      for (int i = 0; i < kRowItems; ++i) {
+        float m = amax[i][0];
+#pragma unroll
+        for (int j = 1; j < kColItems; ++j) m = fmaxf(m, amax[i][j]);
+        for (int off = 1; off < (1 << p.seg_log2); off <<= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, off));
+#pragma unroll
+        for (int j = 0; j < kColItems; ++j) amax[i][j] = m;
+      }
+    } else if (p.seg_log2 >= 0) {  // each group lies in `seg` neighbouring lanes at one item
 #pragma unroll
       for (int i = 0; i < kRowItems; ++i)
 #pragma unroll

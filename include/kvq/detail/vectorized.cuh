@@ -93,7 +93,9 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
     return Tiles::scales(x, view, spec, mode, scales, q, stream);
   }
 
-  template <class T, class In, class Out>
+  /// kOwnScales: the scales were computed from `in` (per-channel whole-sequence), which lets 16-bit
+  /// data take the lean arithmetic (device::quantize_within_amax) wherever it is finite.
+  template <class T, bool kOwnScales = false, class In, class Out>
   static cudaError_t apply(const In* in, const float* scales, const KvView& view, const QuantSpec& spec, Out* out,
                            cudaStream_t stream) {
     constexpr bool kDequantize = std::is_same_v<In, std::int8_t>;
@@ -108,10 +110,17 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
       if (per_token)
         vector_apply_kernel<Policy, V, true><<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
       else
-        vector_apply_kernel<Policy, V, false><<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
+        vector_apply_kernel<Policy, V, false, In, Out, kOwnScales && sizeof(T) == 2>
+            <<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
       return check_launch();
     }
     return Tiles::template apply<T>(in, scales, view, spec, out, stream);
+  }
+
+  template <class T>
+  static cudaError_t codes_under_own_scales(const T* x, const float* scales, const KvView& view,
+                                            const QuantSpec& spec, std::int8_t* q, cudaStream_t stream) {
+    return apply<T, true>(x, scales, view, spec, q, stream);
   }
 };
 
