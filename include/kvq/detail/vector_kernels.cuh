@@ -292,6 +292,10 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
   const int lanes = 1 << p.lanes_log2, lane = tid & (lanes - 1), row_lanes = kThreads >> p.lanes_log2;
   constexpr bool scales_mode = kMode == TileMode::kScales;
   unsigned long long bad = 0;
+  if constexpr (!scales_mode) {  // kAtomicAmax keeps amax_bits zero between tiles
+    for (int k = tid; k < kThreads * V; k += kThreads) amax_bits[k] = 0;
+    __syncthreads();
+  }
 
   for (std::int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     const std::int64_t unit = ((tile % p.col_tiles) << p.lanes_log2) + lane, rest = tile / p.col_tiles;
@@ -361,11 +365,29 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
         colmax[j] = fmaxf(colmax[j], __shfl_xor_sync(kFullMask, colmax[j], off));
     const bool warp_leader = (tid % kWarpSize) < lanes;  // first row lane of this warp
     if constexpr (!scales_mode) {
-      if (active && warp_leader)
+      auto* scale_bits = reinterpret_cast<unsigned int*>(scales) + scale_row * p.channels;
+      if (lanes == kThreads) {  // one row lane: each channel has one thread in the block
+        if (active)
 #pragma unroll
-        for (int j = 0; j < V; ++j)
-          if (colmax[j] != 0.0f)
-            atomicMax(reinterpret_cast<unsigned int*>(scales) + scale_row * p.channels + c + j, float_bits(colmax[j]));
+          for (int j = 0; j < V; ++j)
+            if (colmax[j] != 0.0f) atomicMax(scale_bits + c + j, float_bits(colmax[j]));
+      } else {
+        // Several warps hold rows of the same channels: merge them in shared memory first, so a
+        // tile makes one global atomic per channel. Narrow views (decode sizes) have thousands of
+        // tiles on the same few hundred channels, and same-address atomics serialize.
+        if (active && warp_leader)
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            if (colmax[j] != 0.0f) atomicMax(&amax_bits[lane * V + j], float_bits(colmax[j]));
+        __syncthreads();
+        const std::int64_t first_c = ((tile % p.col_tiles) << p.lanes_log2) * V;
+        for (int k = tid; k < lanes * V; k += kThreads) {
+          const std::uint32_t m = amax_bits[k];
+          amax_bits[k] = 0;  // zero again for the next tile
+          if (m != 0 && first_c + k < p.channels) atomicMax(scale_bits + first_c + k, m);
+        }
+        __syncthreads();
+      }
     } else {
       if (active && warp_leader)
 #pragma unroll
