@@ -72,10 +72,11 @@ inline int log2_exact(std::int64_t pow2) {
   return l;
 }
 
-/// Plan for vector_apply_kernel: a thread walks `items` rows at a time, up to 16 times per tile when
-/// the view is large enough to still give every SM many tiles (more rows per tile amortize reading
-/// per-channel scales).
-inline VectorPlan plan_vector_apply(const KvView& view, const QuantSpec& spec, int threads, int items, int V) {
+/// Plan for vector_apply_kernel: a thread walks `items` rows at a time, up to `max_passes` times per
+/// tile when the view is large enough to still give every SM many tiles (more rows per tile amortize
+/// reading and inverting per-channel scales).
+inline VectorPlan plan_vector_apply(const KvView& view, const QuantSpec& spec, int threads, int items, int V,
+                                    int max_passes = 16) {
   VectorPlan p{};
   p.rows = view.batch * view.tokens;
   p.tokens = view.tokens;
@@ -93,7 +94,8 @@ inline VectorPlan plan_vector_apply(const KvView& view, const QuantSpec& spec, i
   p.groups = group_count(extent, spec.group);
   p.row_group = per_token && p.group == view.channels;
   const std::int64_t rows_per_pass = (threads / lanes) * items;
-  const std::int64_t passes = std::clamp<std::int64_t>(p.rows * p.col_tiles / (rows_per_pass * kVectorTargetTiles), 1, 16);
+  const std::int64_t passes =
+      std::clamp<std::int64_t>(p.rows * p.col_tiles / (rows_per_pass * kVectorTargetTiles), 1, max_passes);
   p.rows_per_tile = rows_per_pass * passes;
   if (per_token) {
     p.sub_tiles = 1;
