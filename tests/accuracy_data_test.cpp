@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace {
@@ -179,13 +180,13 @@ const std::vector<LayerEval>& evaluated(const std::string& model) {
   return it != cache.end() ? it->second : (cache[model] = evaluate(model));
 }
 
-const Result& find(const std::vector<LayerEval>& evals, int layer, const std::string& config) {
+const Result& find(const std::vector<LayerEval>& evals, int layer, std::string_view config) {
   const std::vector<Scheme> schemes = all_schemes();
   for (const LayerEval& e : evals)
     if (e.layer == layer)
       for (const Result& r : e.results)
         if (config_name(schemes, r.config) == config) return r;
-  throw std::runtime_error("no result for layer " + std::to_string(layer) + " " + config);
+  throw std::runtime_error("no result for layer " + std::to_string(layer) + " " + std::string(config));
 }
 
 void print_table(const std::string& model) {

@@ -212,7 +212,9 @@ void expect_within_amax_path_equals_division() {
     const float s = kvq::scale_from_amax(amax), inv = kvq::reciprocal(s);
     // Kernels take this path when the scale is in the fast range (inv not NaN), or decide earlier
     // from the amax: at least kMinFastAmax must imply the fast range.
-    if (amax >= kvq::kMinFastAmax) ASSERT_EQ(inv, inv) << "amax " << amax << ": scale outside the fast range";
+    if (amax >= kvq::kMinFastAmax) {
+      ASSERT_EQ(inv, inv) << "amax " << amax << ": scale outside the fast range";
+    }
     if (inv != inv) continue;
     ++amaxes;
     for (std::size_t ix = 0; ix <= ia; ++ix) {
