@@ -606,6 +606,30 @@ double measure_copy_gbps() {
   return 2.0 * static_cast<double>(kBytes) / (median(ms) * 1e-3) * 1e-9;
 }
 
+__global__ void empty_kernel() {}
+
+/// The shortest time any case can report: the L2 flush, then an empty kernel between the two events
+/// (launch and event overheads). Decode-sized calls are read against it.
+double measure_floor_us() {
+  Gpu& g = gpu();
+  constexpr int kRuns = 20;
+  const auto words = static_cast<std::int64_t>(g.flush_bytes / sizeof(uint4));
+  std::vector<float> ms;
+  for (int i = 0; i < kRuns + 2; ++i) {  // the first two are warm-up
+    read_flush_kernel<<<helper_blocks(words), kHelperThreads, 0, g.stream>>>(static_cast<const uint4*>(g.flush), words,
+                                                                             reinterpret_cast<unsigned*>(g.counter));
+    cuda_ok(cudaEventRecord(g.start, g.stream), "cudaEventRecord");
+    empty_kernel<<<1, 1, 0, g.stream>>>();
+    cuda_ok(cudaPeekAtLastError(), "empty kernel launch");
+    cuda_ok(cudaEventRecord(g.stop, g.stream), "cudaEventRecord");
+    cuda_ok(cudaEventSynchronize(g.stop), "cudaEventSynchronize");
+    float t = 0;
+    cuda_ok(cudaEventElapsedTime(&t, g.start, g.stop), "cudaEventElapsedTime");
+    if (i >= 2) ms.push_back(t);
+  }
+  return median(ms) * 1e3;
+}
+
 /// Stream, events, L2 flush buffer, copy bandwidth; prints what the numbers will be measured on.
 void start_up() {
   Gpu& g = gpu();
@@ -624,18 +648,22 @@ void start_up() {
   cuda_ok(cudaMalloc(&g.flush, g.flush_bytes), "cudaMalloc (L2 flush buffer)");
   cuda_ok(cudaMemsetAsync(g.flush, 0, g.flush_bytes, g.stream), "cudaMemsetAsync");
   g.copy_gbps = measure_copy_gbps();
+  const double floor_us = measure_floor_us();
 
   std::printf("kvq_bench on %s (sm_%d%d, %d SMs, %.0f GB, L2 %d MB), driver %d.%d, runtime %d.%d\n", prop.name,
               prop.major, prop.minor, prop.multiProcessorCount, static_cast<double>(prop.totalGlobalMem) * 1e-9,
               prop.l2CacheSize >> 20, driver / 1000, driver % 1000 / 10, runtime / 1000, runtime % 1000 / 10);
   std::printf("device-to-device copy: %.0f GB/s (2 GiB, bytes read + written, median of 20) = 100%% copy\n",
               g.copy_gbps);
+  std::printf("floor: %.2f us for an empty kernel timed the same way (L2 flush, event, launch, event; median of 20)\n",
+              floor_us);
   std::printf("timing: CUDA events per call, L2 flushed before each (a %zu MB read), median after warm-up;\n"
               "GB/s: decimal, input read + output written + fp32 scales, each once; xCPU: kvq::reference on %d "
               "threads\n\n",
               g.flush_bytes >> 20, cpu_threads());
   benchmark::AddCustomContext("gpu", prop.name);
   benchmark::AddCustomContext("copy_GBps", format("%.1f", g.copy_gbps));
+  benchmark::AddCustomContext("floor_us", format("%.2f", floor_us));
   benchmark::AddCustomContext("l2_bytes", std::to_string(prop.l2CacheSize));
   benchmark::AddCustomContext("l2_flush_bytes", std::to_string(g.flush_bytes));
   benchmark::AddCustomContext("cpu_reference_threads", std::to_string(cpu_threads()));
