@@ -172,6 +172,31 @@ inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec,
   return p;
 }
 
+/// Codes of a fragment under its scales: device::quantize_within_amax when kWithinAmax (16-bit data
+/// under its own groups' scales, all finite, scales in the fast range), else device::quantize.
+template <bool kWithinAmax, int V, class T>
+__device__ inline device::Fragment<std::int8_t, V> codes(const Fragment<T, V>& x, const Fragment<float, V>& scale,
+                                                         const Fragment<float, V>& inv_scale) {
+  if constexpr (kWithinAmax)
+    return device::quantize_within_amax<V>(x, scale, inv_scale);
+  else
+    return device::quantize<V>(x, scale, inv_scale);
+}
+
+/// Calls write(std::true_type{}) when 16-bit data may take the lean arithmetic, write(std::false_type{})
+/// otherwise. Decided once per tile, so that each path is one straight run of code; fp32 data never
+/// instantiates the lean path.
+template <class T, class Write>
+__device__ inline void with_codes_path(bool within_amax, Write&& write) {
+  if constexpr (sizeof(T) == 2) {
+    if (within_amax) {
+      write(std::true_type{});
+      return;
+    }
+  }
+  write(std::false_type{});
+}
+
 /// Codes under given scales (In = T, Out = int8), or values of codes (In = int8, Out = T), of a
 /// whole-vector view.
 ///
@@ -366,23 +391,23 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
       for (int off = lanes; off < kWarpSize; off <<= 1)
         colmax[j] = fmaxf(colmax[j], __shfl_xor_sync(kFullMask, colmax[j], off));
     const bool warp_leader = (tid % kWarpSize) < lanes;  // first row lane of this warp
-    if constexpr (!scales_mode) {
-      auto* scale_bits = reinterpret_cast<unsigned int*>(scales) + scale_row * p.channels;
-      if (lanes == kThreads) {  // one row lane: each channel has one thread in the block
-        if (active)
+    auto* scale_bits = reinterpret_cast<unsigned int*>(scales) + scale_row * p.channels;
+    if (!scales_mode && lanes == kThreads) {  // one row lane: each channel has one thread in the block
+      if (active)
 #pragma unroll
-          for (int j = 0; j < V; ++j)
-            if (colmax[j] != 0.0f) atomicMax(scale_bits + c + j, float_bits(colmax[j]));
-      } else {
-        // Several warps hold rows of the same channels: merge them in shared memory first, so a
-        // tile makes one global atomic per channel. Narrow views (decode sizes) have thousands of
-        // tiles on the same few hundred channels, and same-address atomics serialize.
-        if (active && warp_leader)
+        for (int j = 0; j < V; ++j)
+          if (colmax[j] != 0.0f) atomicMax(scale_bits + c + j, float_bits(colmax[j]));
+    } else {
+      // The tile's warps meet in shared memory. kAtomicAmax then makes one global atomic per
+      // channel and tile: narrow views (decode sizes) have thousands of tiles on the same few
+      // hundred channels, and same-address atomics serialize.
+      if (active && warp_leader)
 #pragma unroll
-          for (int j = 0; j < V; ++j)
-            if (colmax[j] != 0.0f) atomicMax(&amax_bits[lane * V + j], float_bits(colmax[j]));
-        __syncthreads();
-        const std::int64_t first_c = ((tile % p.col_tiles) << p.lanes_log2) * V;
+        for (int j = 0; j < V; ++j)
+          if (colmax[j] != 0.0f) atomicMax(&amax_bits[lane * V + j], float_bits(colmax[j]));
+      __syncthreads();
+      if constexpr (!scales_mode) {
+        const std::int64_t first_c = ((tile % p.col_tiles) << p.lanes_log2) * V;  // the tile's first channel
         for (int k = tid; k < lanes * V; k += kThreads) {
           const std::uint32_t m = amax_bits[k];
           amax_bits[k] = 0;  // zero again for the next tile
@@ -390,12 +415,8 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
         }
         __syncthreads();
       }
-    } else {
-      if (active && warp_leader)
-#pragma unroll
-        for (int j = 0; j < V; ++j)
-          if (colmax[j] != 0.0f) atomicMax(&amax_bits[lane * V + j], float_bits(colmax[j]));
-      __syncthreads();
+    }
+    if constexpr (scales_mode) {
       // Each of the tile's lanes * V scales and reciprocals is computed by one thread, not by every
       // row lane: the scale's bits replace the amax's.
       const std::int64_t first_c = ((tile % p.col_tiles) << p.lanes_log2) * V;
@@ -418,26 +439,15 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
       }
       if (active && q != nullptr) {
         std::int8_t* q_base = q + b * p.batch_stride + c;
-        auto write = [&](auto lean) {
+        with_codes_path<T>(within_amax, [&](auto lean) {
 #pragma unroll
           for (int i = 0; i < kRowItems; ++i) {
             const std::int64_t r = r_first + i * row_lanes;
             if (r >= r_end) break;
-            const Fragment<T, V> f = device::unpack<T, V>(held[i]);
-            if constexpr (decltype(lean)::value)
-              device::store<V>(q_base + r * p.token_stride, device::quantize_within_amax<V>(f, scale, inv));
-            else
-              device::store<V>(q_base + r * p.token_stride, device::quantize<V>(f, scale, inv));
+            device::store<V>(q_base + r * p.token_stride,
+                             codes<decltype(lean)::value>(device::unpack<T, V>(held[i]), scale, inv));
           }
-        };
-        if constexpr (sizeof(T) == 2) {
-          if (within_amax)
-            write(std::true_type{});
-          else
-            write(std::false_type{});
-        } else {
-          write(std::false_type{});
-        }
+        });
       }
       __syncthreads();  // amax_bits is zeroed again by the next tile
     }
@@ -535,10 +545,9 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
       __syncthreads();  // warp_amax is written again by the next tile
     }
 
-    // Codes, under each group's scale. 16-bit data whose values here are all finite, under scales
-    // in the fast range, takes the lean arithmetic (device::quantize_within_amax), decided once per
-    // tile so that each path is one straight run of code.
-    auto write = [&](auto within_amax) {
+    // Codes, under each group's scale; the lean arithmetic (with_codes_path) when this thread's
+    // values are all finite and its groups' amaxes give fast-range scales.
+    auto write = [&](auto lean) {
 #pragma unroll
       for (int i = 0; i < kRowItems; ++i) {
         const std::int64_t r = row0 + static_cast<std::int64_t>(i) * row_lanes;
@@ -563,29 +572,20 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
               s[e] = scale;
               rs[e] = inv;
             }
-            const Fragment<T, V> f = device::unpack<T, V>(v[i][j]);
-            std::int8_t* out = q_row + j * unit_stride;
-            if constexpr (decltype(within_amax)::value)
-              device::store<V>(out, device::quantize_within_amax<V>(f, s, rs));
-            else
-              device::store<V>(out, device::quantize<V>(f, s, rs));
+            device::store<V>(q_row + j * unit_stride, codes<decltype(lean)::value>(device::unpack<T, V>(v[i][j]), s, rs));
           }
         }
       }
     };
+    bool within_amax = false;
     if constexpr (sizeof(T) == 2) {
-      bool within_amax = bad == bad_before_tile;
+      within_amax = bad == bad_before_tile;
 #pragma unroll
       for (int i = 0; i < kRowItems; ++i)
 #pragma unroll
         for (int j = 0; j < kColItems; ++j) within_amax &= amax[i][j] == 0.0f || amax[i][j] >= kMinFastAmax;
-      if (within_amax)
-        write(std::true_type{});
-      else
-        write(std::false_type{});
-    } else {
-      write(std::false_type{});
     }
+    with_codes_path<T>(within_amax, write);
   }
   if (bad != 0 && nonfinite != nullptr) atomicAdd(nonfinite, bad);
 }
