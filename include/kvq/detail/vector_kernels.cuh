@@ -13,6 +13,12 @@
 //                         their reciprocals are read once per tile, not once per element.
 //   token_scales_kernel   per-token scales (and codes) in one pass: a thread holds its units of a
 //                         few rows in registers while the group amax is reduced across lanes.
+//   channel_scales_kernel per-channel scales: one pass for token groups that fit a block, or the
+//                         amax pass of whole-sequence scales (atomicMax into the scale buffer).
+//
+// Codes under scales computed from the same 16-bit data take the lean arithmetic where the data is
+// finite (device::quantize_within_amax: one correction step, no clamp), which is what lets the
+// one-pass kernels keep up with memory on fp16 and bf16.
 #pragma once
 
 #include <kvq/detail/tile_plan.cuh>
