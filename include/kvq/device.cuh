@@ -133,8 +133,9 @@ __device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, con
 }
 
 /// quantize() for N fp16 / bf16 values whose scales were computed from their own groups, when every
-/// value is finite and every group amax is zero or at least kMinFastAmax (code_word_within_amax:
-/// one correction step, no clamp, no NaN test). Bit-identical to quantize_value there.
+/// value is finite and every scale is in the fast range (inv_scale not NaN; an amax of zero or at
+/// least kMinFastAmax ensures it). code_word_within_amax: one correction step, no clamp, no NaN
+/// test. Bit-identical to quantize_value there.
 template <int N, class T>
 __device__ inline Fragment<std::int8_t, N> quantize_within_amax(const Fragment<T, N>& x,
                                                                 const Fragment<float, N>& scale,

@@ -154,6 +154,10 @@ __host__ __device__ inline float reciprocal(float scale) {
   return (scale >= kMinFastScale && scale <= kMaxFastScale) ? r : bits_to_float(0x7fc00000u);
 }
 
+/// 1.5 * 2^23: adding it to a float of magnitude below 2^22 rounds it to an integer (half to even),
+/// which then sits in the low bits of the sum's significand.
+constexpr float kRoundMagic = 12582912.0f;
+
 /// The GPU's path: the code of x / scale with no division, no branch and no conversion
 /// instruction, given inv_scale = reciprocal(scale), bit-identical to quantize_value(x, scale).
 ///
@@ -181,7 +185,6 @@ __host__ __device__ inline float reciprocal(float scale) {
 /// CPU tests check this arithmetic against the division (numerics_test.cpp); on the host the
 /// library itself still divides.
 __host__ __device__ inline std::uint32_t code_word(float x, float scale, float inv_scale, bool& exact) {
-  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (RNE)
   float q = mul_rn(x, inv_scale);
   q = fma_rn(fma_rn(-q, scale, x), inv_scale, q);
   q = fma_rn(fma_rn(-q, scale, x), inv_scale, q);
@@ -203,7 +206,6 @@ constexpr float kMinFastAmax = 0x1p-93f;
 /// ReciprocalPath.*WithinTheGroupAmax, runs that check). Three floating-point operations per element
 /// fewer than code_word, no NaN test.
 __host__ __device__ inline std::uint32_t code_word_within_amax(float x, float scale, float inv_scale) {
-  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
   const float q = mul_rn(x, inv_scale);
   return float_bits(add_rn(fma_rn(fma_rn(-q, scale, x), inv_scale, q), kRoundMagic));
 }
