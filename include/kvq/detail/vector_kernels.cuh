@@ -179,7 +179,9 @@ inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec,
   if (mode == TileMode::kScales) {
     const std::int64_t row_lanes = pow2_ceil(ceil_div<std::int64_t>(p.group, row_items));
     ok = row_lanes <= threads;
-    const std::int64_t lanes = std::max<std::int64_t>(1, threads / row_lanes);
+    // No wider than the row: a narrow view (fp16 x 128 channels: 16 units) takes more row lanes
+    // and fewer rows per thread, rather than leave lanes idle.
+    const std::int64_t lanes = std::min(std::max<std::int64_t>(1, threads / row_lanes), pow2_ceil(p.units));
     p.lanes_log2 = log2_exact(lanes);
     p.col_tiles = ceil_div<std::int64_t>(p.units, lanes);
     p.rows_per_tile = p.group;
