@@ -13,8 +13,9 @@
 //                         their reciprocals are read once per tile, not once per element.
 //   token_scales_kernel   per-token scales (and codes) in one pass: a thread holds its units of a
 //                         few rows in registers while the group amax is reduced across lanes.
-//   channel_scales_kernel per-channel scales: one pass for token groups that fit a block, or the
-//                         amax pass of whole-sequence scales (atomicMax into the scale buffer).
+//   channel_scales_kernel per-channel scales: one pass for token groups that fit a block (the
+//                         group's rows staged in shared memory), or the amax pass of
+//                         whole-sequence scales (atomicMax into the scale buffer).
 //
 // Codes under scales computed from the same 16-bit data take the lean arithmetic where the data is
 // finite (device::quantize_within_amax: one correction step, no clamp), which is what lets the
@@ -337,12 +338,13 @@ constexpr int channel_scales_shared_bytes(int lanes) {
 /// written from the staged rows when q is not null. One pass. Shared memory rather than registers
 /// because what kept this kernel under the bandwidth limit was the tile's width: 16-byte units of
 /// one row that a block reads side by side. Held in registers (8 rows per thread) a tile was
-/// 256 bytes wide; staged, 16 rows per thread make it 512 (H200, fp16 g128: 81% -> 85% of copy).
+/// 256 bytes wide; staged, 16 rows per thread make it 512 in the same registers (H200, 131072 x
+/// 8192, g128: fp16 82.6% -> 92.2% of copy; bench/results/h200.md).
 /// TileMode::kAtomicAmax: a tile is a run of tokens of one group; each thread keeps the amax of its
 /// V channels and the tiles merge theirs into the zeroed scale buffer as bits (atomicMax), which
 /// finalize_scales turns into scales. The first pass of whole-sequence scales.
 template <class Policy, int V, TileMode kMode, class T>
-KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ? Policy::kMinBlocksPerSMHolding
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ? Policy::kMinBlocksPerSMStaged
                                                                                : Policy::kMinBlocksPerSM)
     channel_scales_kernel(const T* __restrict__ x,  // view (batch, tokens, channels)
                           VectorPlan p,
