@@ -12,7 +12,7 @@ TEST_P(ExactBf16, EveryVariantEveryShapeEveryLayout) {
 
 INSTANTIATE_TEST_SUITE_P(All, ExactBf16,
                          ::testing::Combine(::testing::Values(Granularity::kPerToken, Granularity::kPerChannel),
-                                            ::testing::Values<std::int64_t>(0, 32, 128)),
+                                            ::testing::Values<std::int64_t>(0, 32, 100, 128, 1024)),
                          exact_param_name);
 
 }  // namespace

@@ -43,7 +43,7 @@ TEST_P(ExactFloat, EveryVariantEveryShapeEveryLayout) {
 
 INSTANTIATE_TEST_SUITE_P(All, ExactFloat,
                          ::testing::Combine(::testing::Values(Granularity::kPerToken, Granularity::kPerChannel),
-                                            ::testing::Values<std::int64_t>(0, 32, 128)),
+                                            ::testing::Values<std::int64_t>(0, 32, 100, 128, 1024)),
                          exact_param_name);
 
 class Ties : public GpuTest {};

@@ -17,7 +17,7 @@ TEST_P(ExactHalf, EveryVariantEveryShapeEveryLayout) {
 
 INSTANTIATE_TEST_SUITE_P(All, ExactHalf,
                          ::testing::Combine(::testing::Values(Granularity::kPerToken, Granularity::kPerChannel),
-                                            ::testing::Values<std::int64_t>(0, 32, 128)),
+                                            ::testing::Values<std::int64_t>(0, 32, 100, 128, 1024)),
                          exact_param_name);
 
 const QuantSpec kSpecs[] = {{Granularity::kPerToken, 0},
