@@ -67,6 +67,14 @@ struct VectorPlan {
 /// gets several blocks even for decode-sized views.
 constexpr std::int64_t kVectorTargetTiles = 4096;
 
+/// channel_scales_kernel<kAtomicAmax> (the whole-sequence amax pass): tiles to aim for, and passes
+/// of `items` rows per tile at most. About one wave of 4 blocks on each of the H200's 132 SMs, so
+/// no tile waits for a second wave, with taller tiles and fewer atomics than apply's. 2048 tiles
+/// were slower (H200, 131072 x 8192: fp16 / bf16 550 -> 493 / 497 us, fp32 962 -> 947 us;
+/// 4 x 32768 x 1024 and 262144 x 128 gained 15-33%; bench/results/h200.md).
+constexpr std::int64_t kAtomicAmaxTargetTiles = 512;
+constexpr std::int64_t kAtomicAmaxMaxPasses = 256;
+
 /// True when `view` is whole-vector at width V (the caller has checked alignment) and its rows
 /// can be indexed with 32-bit division.
 inline bool whole_vector_view(const KvView& view, int V) {
@@ -187,11 +195,11 @@ inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec,
     p.col_tiles = ceil_div<std::int64_t>(p.units, lanes);
     p.rows_per_tile = p.group;
     p.sub_tiles = 1;
-  } else {  // fewer, taller tiles than for apply: fewer atomics per element
+  } else {  // about one wave of tall tiles (kAtomicAmaxTargetTiles)
     const std::int64_t lanes = std::int64_t{1} << p.lanes_log2;
     const std::int64_t rows_per_pass = (threads / lanes) * items;
-    const std::int64_t passes =
-        std::clamp<std::int64_t>(p.rows * p.col_tiles / (rows_per_pass * kVectorTargetTiles / 2), 1, 64);
+    const std::int64_t passes = std::clamp<std::int64_t>(
+        p.rows * p.col_tiles / (rows_per_pass * kAtomicAmaxTargetTiles), 1, kAtomicAmaxMaxPasses);
     p.rows_per_tile = std::min(rows_per_pass * passes, ceil_div(p.group, rows_per_pass) * rows_per_pass);
     p.sub_tiles = ceil_div(p.group, p.rows_per_tile);
   }
@@ -327,7 +335,8 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
 /// `lanes` lanes: the staged units and the tile's amax bits and reciprocals.
 template <class Policy, int V>
 constexpr int channel_scales_shared_bytes(int lanes) {
-  return Policy::kChannelRowItems * Policy::kThreads * 16 + 2 * lanes * V * 4;
+  return Policy::kChannelRowItems * Policy::kThreads * static_cast<int>(sizeof(uint4)) +
+         2 * lanes * V * static_cast<int>(sizeof(float));
 }
 
 /// Per-channel scales of a whole-vector view.

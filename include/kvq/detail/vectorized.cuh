@@ -112,17 +112,19 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
       bool fits = false;
       const VectorPlan p = plan_channel_scales(view, spec, mode, Policy::kThreads, Policy::kItems,
                                                Policy::kChannelRowItems, kWidth<T>, fits);
+      if (fits && mode == TileMode::kAtomicAmax) {
+        channel_scales_kernel<Policy, kWidth<T>, TileMode::kAtomicAmax>
+            <<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(x, p, scales, nullptr, spec.nonfinite_count);
+        return check_launch();
+      }
       if (fits && mode == TileMode::kScales) {
         constexpr auto kernel = channel_scales_kernel<Policy, kWidth<T>, TileMode::kScales, T>;
+        // Allowed once per device for the widest plan; a device that refuses takes the tile kernels.
         if (allow_shared_bytes(kernel, channel_scales_shared_bytes<Policy, kWidth<T>>(Policy::kThreads))) {
           kernel<<<grid_for(p.tiles), Policy::kThreads, channel_scales_shared_bytes<Policy, kWidth<T>>(1 << p.lanes_log2),
                    stream>>>(x, p, scales, q, spec.nonfinite_count);
           return check_launch();
         }
-      } else if (fits) {
-        channel_scales_kernel<Policy, kWidth<T>, TileMode::kAtomicAmax>
-            <<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(x, p, scales, nullptr, spec.nonfinite_count);
-        return check_launch();
       }
     }
     return Tiles::scales(x, view, spec, mode, scales, q, stream);
