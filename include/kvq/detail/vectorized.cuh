@@ -40,13 +40,12 @@ struct WholeVectorPolicy {
   static constexpr int kItems = 4;           // vector_apply_kernel, channel_scales_kernel: rows per thread
                                              // per pass (more rows made dequantize slower on the H200)
   // vector_apply_kernel: passes per tile at most. Taller tiles amortize the per-channel reciprocals,
-  // which 16-bit quantize needs (8 per thread per tile); shorter ones were faster for everything
-  // else (H200, 131072 x 8192: dequantize fp32 87% -> 91% of copy, fp16 90% -> 93%; 16-bit
-  // quantize_with_scales 94% -> 84% if it took them too).
+  // which 16-bit quantize needs (8 per thread per tile); shorter ones were faster for the rest
+  // (H200, 131072 x 8192: 16-bit quantize_with_scales 94% -> 84% of copy at 4 passes instead of
+  // 16; dequantize fp32 87% -> 91% at 4 instead of 16, and 90.7% -> 93.9% at 2, fp16 93.0% ->
+  // 94.8%; 1 pass was slower, 86.5% for fp32).
   static constexpr int kApplyPasses = 4;
   static constexpr int kApplyPasses16BitQuantize = 16;
-  // Dequantize: 2 passes of 4 rows (H200, 131072 x 8192: fp32 90.7% -> 93.9% of copy, fp16 93.0%
-  // -> 94.8%); 1 pass (86.5%) and 4-128 passes (83.7-90.7%) were slower for fp32.
   static constexpr int kApplyPassesDequantize = 2;
   static constexpr int kTokenItems = 8;      // token_scales_kernel: units held per thread,
   static constexpr int kTokenRowItems = 4;   // from at most this many rows
