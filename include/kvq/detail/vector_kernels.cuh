@@ -70,8 +70,9 @@ constexpr std::int64_t kVectorTargetTiles = 4096;
 /// channel_scales_kernel<kAtomicAmax> (the whole-sequence amax pass): tiles to aim for, and passes
 /// of `items` rows per tile at most. About one wave of 4 blocks on each of the H200's 132 SMs, so
 /// no tile waits for a second wave, with taller tiles and fewer atomics than apply's. 2048 tiles
-/// were slower (H200, 131072 x 8192: fp16 / bf16 550 -> 493 / 497 us, fp32 962 -> 947 us;
-/// 4 x 32768 x 1024 and 262144 x 128 gained 15-33%; bench/results/h200.md).
+/// were slower (H200, 131072 x 8192: fp16 / bf16 550 -> 493 / 492 us, fp32 962 -> 957 us;
+/// 4 x 32768 x 1024 fp16 / fp32 94 -> 73 / 212 -> 134 us, 262144 x 128 fp16 34.4 -> 26.3 us;
+/// bench/results/h200/experiments_2026-11-29b.txt).
 constexpr std::int64_t kAtomicAmaxTargetTiles = 512;
 constexpr std::int64_t kAtomicAmaxMaxPasses = 256;
 
