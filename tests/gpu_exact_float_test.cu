@@ -146,5 +146,53 @@ TEST_F(Ties, GivenScalesAcrossTheWholeFloatRange) {
   check_given_scales_across_the_range<__nv_bfloat16>();
 }
 
+constexpr int kStoreUnits = 64;  // threads of store_rows: units of 4 floats per row
+
+/// device::store of 16-byte fragments, one row per block: to global memory at a row stride known
+/// only at run time (an address nvcc cannot prove aligned, which takes device::store's vector
+/// instruction), and to shared memory (its plain path), copied out after a barrier.
+__global__ void store_rows(const std::int8_t* q,     // (rows, stride)
+                           const float* scales,      // (rows)
+                           std::int64_t stride,
+                           float* y_global,          // (rows, stride)
+                           float* y_shared) {        // (rows, stride)
+  __shared__ alignas(16) float staged[4 * kStoreUnits];
+  const std::int64_t row = blockIdx.x, at = row * stride + 4 * threadIdx.x;
+  const auto values = device::dequantize<float>(device::load<4>(q + at), scales[row]);
+  device::store<4>(y_global + at, values);
+  device::store<4>(staged + 4 * threadIdx.x, values);
+  __syncthreads();
+  for (int i = 0; i < 4; ++i) y_shared[at + i] = staged[4 * threadIdx.x + i];
+}
+
+class DeviceApi : public GpuTest {};
+
+// Both destinations must hold the reference's values, and the padding past each row nothing.
+TEST_F(DeviceApi, StoreOfSixteenBytesToGlobalAndSharedMemory) {
+  constexpr std::int64_t kRows = 7, kChannels = 4 * kStoreUnits, kStride = kChannels + 12;
+  const KvView view{1, kRows, kChannels, kRows * kStride, kStride};
+  const QuantSpec per_token{Granularity::kPerToken, 0};
+  std::vector<std::int8_t> q(kRows * kStride);
+  Rng rng(3);
+  for (auto& code : q) code = static_cast<std::int8_t>(static_cast<int>(rng.next() % 255) - 127);
+  const std::vector<float> scales = {1.0f / 127, 3.5f, 0x1p-120f, 0.0f, -2.0f, NAN, 7e30f};  // 0, -2, NaN: read as 1
+  std::vector<float> want = poisoned<float>(q.size(), kPoisonValueByte);
+  ASSERT_EQ(reference::dequantize(q.data(), scales.data(), view, per_token, want.data()), cudaSuccess);
+  DeviceBuffer<std::int8_t> d_q(q.size());
+  DeviceBuffer<float> d_s(scales.size()), d_global(q.size()), d_shared(q.size());
+  KVQ_ASSERT_CUDA(d_q.upload(q));
+  KVQ_ASSERT_CUDA(d_s.upload(scales));
+  KVQ_ASSERT_CUDA(d_global.poison(kPoisonValueByte));
+  KVQ_ASSERT_CUDA(d_shared.poison(kPoisonValueByte));
+  store_rows<<<kRows, kStoreUnits>>>(d_q.get(), d_s.get(), kStride, d_global.get(), d_shared.get());
+  KVQ_ASSERT_CUDA(cudaGetLastError());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  std::vector<float> got;
+  KVQ_ASSERT_CUDA(d_global.download(got));
+  expect_identical(got, want, "global memory");
+  KVQ_ASSERT_CUDA(d_shared.download(got));
+  expect_identical(got, want, "shared memory");
+}
+
 }  // namespace
 }  // namespace kvq::test

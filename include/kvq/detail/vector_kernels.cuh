@@ -63,19 +63,6 @@ struct VectorPlan {
   }
 };
 
-/// Tile sizing shared by both kernels: how many tiles the grid should have at least, so every SM
-/// gets several blocks even for decode-sized views.
-constexpr std::int64_t kVectorTargetTiles = 4096;
-
-/// channel_scales_kernel<kAtomicAmax> (the whole-sequence amax pass): tiles to aim for, and passes
-/// of `items` rows per tile at most. About one wave of 4 blocks on each of the H200's 132 SMs, so
-/// no tile waits for a second wave, with taller tiles and fewer atomics than apply's. 2048 tiles
-/// were slower (H200, 131072 x 8192: fp16 / bf16 550 -> 493 / 492 us, fp32 962 -> 957 us;
-/// 4 x 32768 x 1024 fp16 / fp32 94 -> 73 / 212 -> 134 us, 262144 x 128 fp16 34.4 -> 26.3 us;
-/// bench/results/h200/experiments_2026-11-29b.txt).
-constexpr std::int64_t kAtomicAmaxTargetTiles = 512;
-constexpr std::int64_t kAtomicAmaxMaxPasses = 256;
-
 /// True when `view` is whole-vector at width V (the caller has checked alignment) and its rows
 /// can be indexed with 32-bit division.
 inline bool whole_vector_view(const KvView& view, int V) {
@@ -89,10 +76,11 @@ inline int log2_exact(std::int64_t pow2) {
 }
 
 /// Plan for vector_apply_kernel: a thread walks `items` rows at a time, up to `max_passes` times per
-/// tile when the view is large enough to still give every SM many tiles (more rows per tile amortize
-/// reading and inverting per-channel scales).
+/// tile while the grid keeps at least `target_tiles` tiles (more rows per tile amortize reading and
+/// inverting per-channel scales; fewer tiles leave SMs idle). The defaults plan one pass, for the
+/// plans below that set their own tile height.
 inline VectorPlan plan_vector_apply(const KvView& view, const QuantSpec& spec, int threads, int items, int V,
-                                    int max_passes = 16) {
+                                    int max_passes = 1, std::int64_t target_tiles = 1) {
   VectorPlan p{};
   p.rows = view.batch * view.tokens;
   p.tokens = view.tokens;
@@ -111,7 +99,7 @@ inline VectorPlan plan_vector_apply(const KvView& view, const QuantSpec& spec, i
   p.row_group = per_token && p.group == view.channels;
   const std::int64_t rows_per_pass = (threads / lanes) * items;
   const std::int64_t passes =
-      std::clamp<std::int64_t>(p.rows * p.col_tiles / (rows_per_pass * kVectorTargetTiles), 1, max_passes);
+      std::clamp<std::int64_t>(p.rows * p.col_tiles / (rows_per_pass * target_tiles), 1, max_passes);
   p.rows_per_tile = rows_per_pass * passes;
   if (per_token) {
     p.sub_tiles = 1;
@@ -179,11 +167,12 @@ __device__ inline void copy_async_wait_all() {
 #endif
 }
 
-/// Plan for channel_scales_kernel; `ok` is false when a token group is longer than the block can
-/// hold. kScales: a tile is one whole token group, at most `row_items` tokens per thread.
-/// kAtomicAmax: a tile is a run of tokens of one group, walked `items` rows at a time.
-inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec, TileMode mode, int threads,
-                                      int items, int row_items, int V, bool& ok) {
+/// Plan for channel_scales_kernel<Policy>; `ok` is false when a token group is longer than the block
+/// can hold. kScales: a tile is one whole token group, at most kChannelRowItems tokens per thread.
+/// kAtomicAmax: a tile is a run of tokens of one group, walked kItems rows at a time.
+template <class Policy>
+inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec, TileMode mode, int V, bool& ok) {
+  constexpr int threads = Policy::kThreads, items = Policy::kItems, row_items = Policy::kChannelRowItems;
   VectorPlan p = plan_vector_apply(view, spec, threads, items, V);
   ok = true;
   if (mode == TileMode::kScales) {
@@ -196,11 +185,11 @@ inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec,
     p.col_tiles = ceil_div<std::int64_t>(p.units, lanes);
     p.rows_per_tile = p.group;
     p.sub_tiles = 1;
-  } else {  // about one wave of tall tiles (kAtomicAmaxTargetTiles)
+  } else {  // about one wave of tall tiles (Policy::kAmaxTargetTiles)
     const std::int64_t lanes = std::int64_t{1} << p.lanes_log2;
     const std::int64_t rows_per_pass = (threads / lanes) * items;
     const std::int64_t passes = std::clamp<std::int64_t>(
-        p.rows * p.col_tiles / (rows_per_pass * kAtomicAmaxTargetTiles), 1, kAtomicAmaxMaxPasses);
+        p.rows * p.col_tiles / (rows_per_pass * Policy::kAmaxTargetTiles), 1, Policy::kAmaxMaxPasses);
     p.rows_per_tile = std::min(rows_per_pass * passes, ceil_div(p.group, rows_per_pass) * rows_per_pass);
     p.sub_tiles = ceil_div(p.group, p.rows_per_tile);
   }
@@ -241,7 +230,8 @@ __device__ inline void with_codes_path(bool within_amax, Write&& write) {
 /// reads its own scale. kWithinAmax (per-channel, 16-bit In): the scales were computed from `in`
 /// itself, so finite units under fast-range scales take device::quantize_within_amax.
 template <class Policy, int V, bool kPerToken, class In, class Out, bool kWithinAmax = false>
-KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads, std::is_same_v<In, std::int8_t> ? Policy::kMinBlocksPerSMDequantize
+                                                                                   : Policy::kMinBlocksPerSM)
     vector_apply_kernel(const In* __restrict__ in,  // view (batch, tokens, channels)
                         const float* __restrict__ scales,  // scale_shape(view, spec)
                         VectorPlan p,

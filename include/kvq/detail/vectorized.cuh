@@ -35,6 +35,7 @@ struct VectorizedPolicy {
 struct WholeVectorPolicy {
   static constexpr int kThreads = 256;
   static constexpr int kMinBlocksPerSM = 4;  // caps registers at 64
+  static constexpr int kMinBlocksPerSMDequantize = 6;  // vector_apply_kernel, dequantize: 40 registers
   static constexpr int kMinBlocksPerSMStaged = 3;  // channel_scales_kernel, one pass: 80 registers;
                                                    // its 64-80 KiB of staged rows allow 3 blocks too
   static constexpr int kItems = 4;           // vector_apply_kernel, channel_scales_kernel: rows per thread
@@ -42,11 +43,24 @@ struct WholeVectorPolicy {
   // vector_apply_kernel: passes per tile at most. Taller tiles amortize the per-channel reciprocals,
   // which 16-bit quantize needs (8 per thread per tile); shorter ones were faster for the rest
   // (H200, 131072 x 8192: 16-bit quantize_with_scales 94% -> 84% of copy at 4 passes instead of
-  // 16; dequantize fp32 87% -> 91% at 4 instead of 16, and 90.7% -> 93.9% at 2, fp16 93.0% ->
-  // 94.8%; 1 pass was slower, 86.5% for fp32).
+  // 16). Dequantize, one pass of 4 rows with 6 blocks per SM: fp32 / fp16 1335 / 783 us at 2
+  // passes and 4 blocks, 1303 / 777 us now (821 us for fp16 at 4 blocks); 131072 x 1024 174 / 105
+  // -> 170 / 103 us (bench/results/h200/experiments_2026-11-29c.txt).
   static constexpr int kApplyPasses = 4;
   static constexpr int kApplyPasses16BitQuantize = 16;
-  static constexpr int kApplyPassesDequantize = 2;
+  static constexpr int kApplyPassesDequantize = 1;
+  // vector_apply_kernel, quantize: tiles to keep at least while adding passes, about two waves of 4
+  // blocks on each of the H200's 132 SMs. 4096 kept tiles short on mid-sized views (H200, L2
+  // flushed: fp16 quantize_with_scales 131072 x 256 and 262144 x 128 42.0 / 41.7 -> 34.8 / 34.9 us,
+  // fp32 65536 x 256 32.0 -> 29.1 us; experiments_2026-11-29c.txt).
+  static constexpr std::int64_t kApplyTargetTiles = 1024;
+  // channel_scales_kernel<kAtomicAmax> (the whole-sequence amax pass): tiles to aim for, and passes
+  // of kItems rows per tile at most. About one wave, so no tile waits for a second one, with taller
+  // tiles and fewer atomics than apply's. 2048 tiles were slower (H200, 131072 x 8192: fp16 / bf16
+  // 550 -> 493 / 492 us, fp32 962 -> 957 us; 4 x 32768 x 1024 fp16 / fp32 94 -> 73 / 212 -> 134 us,
+  // 262144 x 128 fp16 34.4 -> 26.3 us; bench/results/h200/experiments_2026-11-29b.txt).
+  static constexpr std::int64_t kAmaxTargetTiles = 512;
+  static constexpr int kAmaxMaxPasses = 256;
   static constexpr int kTokenItems = 8;      // token_scales_kernel: units held per thread,
   static constexpr int kTokenRowItems = 4;   // from at most this many rows
   // channel_scales_kernel, one pass: rows staged per thread. A g128 tile is then 8 row lanes by 32
@@ -112,8 +126,7 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
     if (spec.granularity == Granularity::kPerChannel &&
         whole_vector<T>(view, x, q != nullptr ? static_cast<const void*>(q) : static_cast<const void*>(x))) {
       bool fits = false;
-      const VectorPlan p = plan_channel_scales(view, spec, mode, Policy::kThreads, Policy::kItems,
-                                               Policy::kChannelRowItems, kWidth<T>, fits);
+      const VectorPlan p = plan_channel_scales<Policy>(view, spec, mode, kWidth<T>, fits);
       if (fits && mode == TileMode::kAtomicAmax) {
         channel_scales_kernel<Policy, kWidth<T>, TileMode::kAtomicAmax>
             <<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(x, p, scales, nullptr, spec.nonfinite_count);
@@ -147,7 +160,8 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
       const int max_passes = kDequantize       ? Policy::kApplyPassesDequantize
                              : sizeof(T) == 2 ? Policy::kApplyPasses16BitQuantize
                                               : Policy::kApplyPasses;
-      const VectorPlan p = plan_vector_apply(view, spec, Policy::kThreads, Policy::kItems, V, max_passes);
+      const VectorPlan p =
+          plan_vector_apply(view, spec, Policy::kThreads, Policy::kItems, V, max_passes, Policy::kApplyTargetTiles);
       unsigned long long* counter = kDequantize ? nullptr : spec.nonfinite_count;
       if (per_token)
         vector_apply_kernel<Policy, V, true><<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
