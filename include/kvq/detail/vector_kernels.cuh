@@ -230,8 +230,9 @@ __device__ inline void with_codes_path(bool within_amax, Write&& write) {
 /// reads its own scale. kWithinAmax (per-channel, 16-bit In): the scales were computed from `in`
 /// itself, so finite units under fast-range scales take device::quantize_within_amax.
 template <class Policy, int V, bool kPerToken, class In, class Out, bool kWithinAmax = false>
-KVQ_KERNEL void __launch_bounds__(Policy::kThreads, std::is_same_v<In, std::int8_t> ? Policy::kMinBlocksPerSMDequantize
-                                                                                   : Policy::kMinBlocksPerSM)
+KVQ_KERNEL void __launch_bounds__(Policy::kThreads, std::is_same_v<In, std::int8_t> && !kPerToken
+                                                       ? Policy::kMinBlocksPerSMDequantize
+                                                       : Policy::kMinBlocksPerSM)
     vector_apply_kernel(const In* __restrict__ in,  // view (batch, tokens, channels)
                         const float* __restrict__ scales,  // scale_shape(view, spec)
                         VectorPlan p,

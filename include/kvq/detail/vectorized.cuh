@@ -35,7 +35,8 @@ struct VectorizedPolicy {
 struct WholeVectorPolicy {
   static constexpr int kThreads = 256;
   static constexpr int kMinBlocksPerSM = 4;  // caps registers at 64
-  static constexpr int kMinBlocksPerSMDequantize = 6;  // vector_apply_kernel, dequantize: 40 registers
+  static constexpr int kMinBlocksPerSMDequantize = 6;  // vector_apply_kernel, per-channel dequantize:
+                                                       // 40 registers
   static constexpr int kMinBlocksPerSMStaged = 3;  // channel_scales_kernel, one pass: 80 registers;
                                                    // its 64-80 KiB of staged rows allow 3 blocks too
   static constexpr int kItems = 4;           // vector_apply_kernel, channel_scales_kernel: rows per thread
@@ -43,13 +44,15 @@ struct WholeVectorPolicy {
   // vector_apply_kernel: passes per tile at most. Taller tiles amortize the per-channel reciprocals,
   // which 16-bit quantize needs (8 per thread per tile); shorter ones were faster for the rest
   // (H200, 131072 x 8192: 16-bit quantize_with_scales 94% -> 84% of copy at 4 passes instead of
-  // 16). Dequantize, one pass of 4 rows with 6 blocks per SM: fp32 / fp16 1335 / 783 us at 2
-  // passes and 4 blocks, 1303 / 777 us now (821 us for fp16 at 4 blocks); 131072 x 1024 174 / 105
-  // -> 170 / 103 us (bench/results/h200/experiments_2026-11-29c.txt).
+  // 16). Per-channel dequantize, one pass of 4 rows with 6 blocks per SM: fp32 / fp16 1335 / 783 us
+  // at 2 passes and 4 blocks, 1303 / 777 us now (821 us for fp16 at 4 blocks); 131072 x 1024 174 /
+  // 105 -> 170 / 103 us. Per-token dequantize (a scale per row) kept 2 passes at 4 blocks: fp16
+  // 800 us, against 835 us at one pass and 6 blocks (experiments_2026-11-29c.txt, sections 3-4).
   static constexpr int kApplyPasses = 4;
   static constexpr int kApplyPasses16BitQuantize = 16;
   static constexpr int kApplyPassesDequantize = 1;
-  // vector_apply_kernel, quantize: tiles to keep at least while adding passes, about two waves of 4
+  static constexpr int kApplyPassesDequantizePerToken = 2;
+  // vector_apply_kernel: tiles to keep at least while adding passes, about two waves of 4
   // blocks on each of the H200's 132 SMs. 4096 kept tiles short on mid-sized views (H200, L2
   // flushed: fp16 quantize_with_scales 131072 x 256 and 262144 x 128 42.0 / 41.7 -> 34.8 / 34.9 us,
   // fp32 65536 x 256 32.0 -> 29.1 us; experiments_2026-11-29c.txt).
@@ -157,7 +160,8 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
     const bool per_token = spec.granularity == Granularity::kPerToken;
     // Per-token, every unit must lie in one group.
     if (whole_vector<T>(view, t_ptr, q_ptr) && (!per_token || group_length(view.channels, spec.group) % V == 0)) {
-      const int max_passes = kDequantize       ? Policy::kApplyPassesDequantize
+      const int max_passes = kDequantize     ? (per_token ? Policy::kApplyPassesDequantizePerToken
+                                                          : Policy::kApplyPassesDequantize)
                              : sizeof(T) == 2 ? Policy::kApplyPasses16BitQuantize
                                               : Policy::kApplyPasses;
       const VectorPlan p =
