@@ -252,6 +252,13 @@ inline std::string exact_param_name(const ::testing::TestParamInfo<ExactParam>& 
   return std::string(kvq::to_string(std::get<0>(info.param))) + "_g" + std::to_string(std::get<1>(info.param));
 }
 
+/// The parameters of each dtype's Exact* suite: both granularities, with groups of 0 (the whole
+/// axis), 32, 100 (not a power of two), 128 and 1024 (the longest one-pass group).
+inline auto exact_params() {
+  return ::testing::Combine(::testing::Values(Granularity::kPerToken, Granularity::kPerChannel),
+                            ::testing::Values<std::int64_t>(0, 32, 100, 128, 1024));
+}
+
 /// Every layout x tokens x channels for one dtype, granularity and group.
 template <class T>
 void check_shape_matrix(Granularity granularity, std::int64_t group) {

@@ -10,10 +10,7 @@ TEST_P(ExactBf16, EveryVariantEveryShapeEveryLayout) {
   check_shape_matrix<__nv_bfloat16>(std::get<0>(GetParam()), std::get<1>(GetParam()));
 }
 
-INSTANTIATE_TEST_SUITE_P(All, ExactBf16,
-                         ::testing::Combine(::testing::Values(Granularity::kPerToken, Granularity::kPerChannel),
-                                            ::testing::Values<std::int64_t>(0, 32, 100, 128, 1024)),
-                         exact_param_name);
+INSTANTIATE_TEST_SUITE_P(All, ExactBf16, exact_params(), exact_param_name);
 
 }  // namespace
 }  // namespace kvq::test

@@ -41,10 +41,7 @@ TEST_P(ExactFloat, EveryVariantEveryShapeEveryLayout) {
   check_shape_matrix<float>(std::get<0>(GetParam()), std::get<1>(GetParam()));
 }
 
-INSTANTIATE_TEST_SUITE_P(All, ExactFloat,
-                         ::testing::Combine(::testing::Values(Granularity::kPerToken, Granularity::kPerChannel),
-                                            ::testing::Values<std::int64_t>(0, 32, 100, 128, 1024)),
-                         exact_param_name);
+INSTANTIATE_TEST_SUITE_P(All, ExactFloat, exact_params(), exact_param_name);
 
 class Ties : public GpuTest {};
 
@@ -149,7 +146,7 @@ TEST_F(Ties, GivenScalesAcrossTheWholeFloatRange) {
 constexpr int kStoreUnits = 64;  // threads of store_rows: units of 4 floats per row
 
 /// device::store of 16-byte fragments, one row per block: to global memory at a row stride known
-/// only at run time (an address nvcc cannot prove aligned, which takes device::store's vector
+/// only at run time (the kind of address where nvcc split the store, now device::store's vector
 /// instruction), and to shared memory (its plain path), copied out after a barrier.
 __global__ void store_rows(const std::int8_t* q,     // (rows, stride)
                            const float* scales,      // (rows)

@@ -15,10 +15,7 @@ TEST_P(ExactHalf, EveryVariantEveryShapeEveryLayout) {
   check_shape_matrix<__half>(std::get<0>(GetParam()), std::get<1>(GetParam()));
 }
 
-INSTANTIATE_TEST_SUITE_P(All, ExactHalf,
-                         ::testing::Combine(::testing::Values(Granularity::kPerToken, Granularity::kPerChannel),
-                                            ::testing::Values<std::int64_t>(0, 32, 100, 128, 1024)),
-                         exact_param_name);
+INSTANTIATE_TEST_SUITE_P(All, ExactHalf, exact_params(), exact_param_name);
 
 const QuantSpec kSpecs[] = {{Granularity::kPerToken, 0},
                             {Granularity::kPerToken, 32},

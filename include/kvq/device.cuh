@@ -55,9 +55,9 @@ __device__ inline void store(E* p, const Fragment<E, N>& f) {
   Access a;
   memcpy(&a, &f, sizeof(a));
   if constexpr (sizeof(Access) == 16) {
-    // nvcc splits a 16-byte store into four 4-byte ones where it cannot prove the address aligned,
-    // as for a row offset times a runtime stride: on the H200 that gave fp32 / fp16 dequantize 4x
-    // the store instructions and 4-7% more L2 write sectors than torch.compile's one vector store
+    // nvcc may split a 16-byte store into four 4-byte ones although the access type promises the
+    // alignment; it did for dequantize's stores at a row offset times a runtime stride, which on
+    // the H200 gave fp32 / fp16 dequantize 4x the store instructions and 4-7% more L2 write sectors than torch.compile's one vector store
     // per 16 bytes (bench/results/h200.md). The instruction below is one vector store whatever
     // the address arithmetic; __isGlobal folds away where the pointer is known to be global.
     if (__isGlobal(p)) {
