@@ -1,30 +1,7 @@
 // Per-token dequantize (vector_apply_kernel<kPerToken>) with the vector store: passes per tile and
 // blocks per SM (register cap), against the old plan (2 passes at most, 4096 target tiles, 4
 // blocks). L2 flushed, CUDA events, median of 21, outputs compared bit for bit with the host API.
-#include <kvq/kvq.cuh>
-#include <cstdio>
-#include <vector>
-#include <algorithm>
-#include <functional>
-using namespace kvq;
-using namespace kvq::detail;
-#define CK(x) do { cudaError_t e = (x); if (e) { printf("ERR %s line %d: %s\n", #x, __LINE__, cudaGetErrorString(e)); exit(1);} } while(0)
-__global__ void fillq(std::int8_t* p, long n) { for (long i = blockIdx.x*256L+threadIdx.x; i < n; i += gridDim.x*256L) { unsigned h = (unsigned)i*2654435761u; h ^= h>>13; h*=0x5bd1e995; h^=h>>15; p[i] = (std::int8_t)((int)(h % 255) - 127); } }
-__global__ void fills(float* s, long n) { for (long i = blockIdx.x*256L+threadIdx.x; i < n; i += gridDim.x*256L) s[i] = 1.0f / 127 * (1 + i % 7) / 4; }
-__global__ void diff(const unsigned* a, const unsigned* b, long n, unsigned long long* bad) { unsigned long long k = 0; for (long i = blockIdx.x*256L+threadIdx.x; i < n; i += gridDim.x*256L) k += a[i] != b[i]; if (k) atomicAdd(bad, k); }
-void* g_flush; unsigned long long* g_bad; double copy_gbs;
-float time_us(std::function<void()> f, int reps = 21) {
-  cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
-  f(); f(); CK(cudaDeviceSynchronize());
-  std::vector<float> t;
-  for (int i = 0; i < reps; ++i) {
-    CK(cudaMemsetAsync(g_flush, i & 0xff, 256u << 20));
-    cudaEventRecord(a); f(); cudaEventRecord(b); cudaEventSynchronize(b);
-    float ms; cudaEventElapsedTime(&ms, a, b); t.push_back(ms);
-  }
-  CK(cudaGetLastError());
-  std::sort(t.begin(), t.end()); return 1000 * t[t.size() / 2];
-}
+#include "probe_common.cuh"
 template <int B> struct PD : WholeVectorPolicy { static constexpr int kMinBlocksPerSMDequantize = B; };
 template <class Out, int B, bool kPerToken>
 void one(const std::int8_t* q, const float* s, Out* y, const Out* want, const KvView& v, int passes, std::int64_t target) {
