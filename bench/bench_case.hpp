@@ -41,16 +41,51 @@ inline const char* to_string(DType t) {
 
 inline std::size_t size_of(DType t) { return t == DType::kFloat ? 4 : 2; }
 
-/// A dense [tokens, channels] matrix, the paper's layout.
+/// How a case's tensor is laid out: what its view is and how its name reads.
+enum class Layout {
+  kMatrix,  ///< [T, D], the paper's matrix: T131072_D8192
+  kRows,    ///< [rows, D], rows one head wide (tokens x heads of [T, H, D]): rows262144_D128
+  kTHD,     ///< [T, H, D] seen per head, one scale set per head (vLLM's cache): THD_T32768_H8_D128
+  kBHTD,    ///< [B, H, T, D], one scale set per (sequence, head) (Hugging Face's): BHTD_B4_H8_T8192_D128
+};
+
+/// A tensor's shape in its layout. `tokens` is T (rows for kRows), `channels` is D.
 struct Shape {
   std::int64_t tokens = 0;
   std::int64_t channels = 0;
-  std::int64_t elements() const { return tokens * channels; }
-  bool operator==(const Shape& o) const { return tokens == o.tokens && channels == o.channels; }
+  Layout layout = Layout::kMatrix;
+  std::int64_t heads = 1;  // H of kTHD and kBHTD
+  std::int64_t batch = 1;  // B of kBHTD
+  std::int64_t elements() const { return batch * heads * tokens * channels; }
+  bool operator==(const Shape& o) const {
+    return tokens == o.tokens && channels == o.channels && layout == o.layout && heads == o.heads && batch == o.batch;
+  }
+  /// The kvq view of the whole tensor (every layout is dense: the view covers its storage).
+  kvq::KvView view() const {
+    switch (layout) {
+      case Layout::kTHD: return kvq::KvView{heads, tokens, channels, channels, heads * channels};
+      case Layout::kBHTD: return kvq::KvView{batch * heads, tokens, channels, tokens * channels, channels};
+      default: return kvq::contiguous_view(tokens, channels);
+    }
+  }
 };
 
+constexpr Shape rows_shape(std::int64_t rows, std::int64_t dim) { return Shape{rows, dim, Layout::kRows}; }
+constexpr Shape thd_shape(std::int64_t tokens, std::int64_t heads, std::int64_t dim) {
+  return Shape{tokens, dim, Layout::kTHD, heads};
+}
+constexpr Shape bhtd_shape(std::int64_t batch, std::int64_t heads, std::int64_t tokens, std::int64_t dim) {
+  return Shape{tokens, dim, Layout::kBHTD, heads, batch};
+}
+
 inline std::string to_string(Shape s) {
-  return "T" + std::to_string(s.tokens) + "_D" + std::to_string(s.channels);
+  const std::string T = std::to_string(s.tokens), D = "_D" + std::to_string(s.channels);
+  switch (s.layout) {
+    case Layout::kRows: return "rows" + T + D;
+    case Layout::kTHD: return "THD_T" + T + "_H" + std::to_string(s.heads) + D;
+    case Layout::kBHTD: return "BHTD_B" + std::to_string(s.batch) + "_H" + std::to_string(s.heads) + "_T" + T + D;
+    default: return "T" + T + D;
+  }
 }
 
 /// The paper's T x D shapes, smallest first. The last five are the bandwidth shapes (>= 33 M
@@ -59,7 +94,6 @@ constexpr Shape kPaperShapes[] = {{1024, 64},     {2048, 128},     {16384, 256},
                                   {131072, 256},  {131072, 1024},  {131072, 2048},  {131072, 4096},
                                   {131072, 8192}, {262144, 128}};
 constexpr Shape kHeadline{131072, 8192};
-constexpr Shape kDecode{16384, 256};  // decode-sized and launch-bound: reported in microseconds
 
 inline bool is_paper_shape(Shape s) {
   for (Shape p : kPaperShapes)
@@ -94,7 +128,7 @@ struct Case {
   kvq::Variant variant = kvq::Variant::kAuto;
   Shape shape;
 
-  kvq::KvView view() const { return kvq::contiguous_view(shape.tokens, shape.channels); }
+  kvq::KvView view() const { return shape.view(); }
   kvq::QuantSpec spec() const {
     kvq::QuantSpec s;
     s.granularity = scheme.granularity;
@@ -103,15 +137,17 @@ struct Case {
   }
   std::int64_t elements() const { return shape.elements(); }
   std::int64_t scale_count() const { return kvq::scale_count(view(), spec()); }
-  /// Per-channel scales over whole sequences need every token's amax before the first code can
-  /// be written: quantize reads the input twice (unless the tensor fits on chip, which these don't).
+  /// Per-channel scales over groups of more than 1024 tokens (whole sequences, mostly) need every
+  /// token's amax before the first code can be written: quantize reads the input twice (1024 is
+  /// kvq::detail::kMaxOnePassGroupTokens; shorter groups are staged on chip).
   bool reads_input_twice() const {
     return op == Op::kQuantize && scheme.granularity == kvq::Granularity::kPerChannel &&
-           (scheme.group == 0 || scheme.group >= shape.tokens);
+           kvq::group_length(shape.tokens, scheme.group) > 1024;
   }
 };
 
-/// op/dtype/granularity/variant/shape, e.g. quantize/half/per_token/vectorized/T131072_D8192.
+/// op/dtype/granularity/variant/shape, e.g. quantize/half/per_token/vectorized/T131072_D8192 or
+/// dequantize/bfloat16/per_token/auto/rows262144_D128.
 inline std::string to_string(const Case& c) {
   return std::string(to_string(c.op)) + "/" + to_string(c.dtype) + "/" + to_string(c.scheme) + "/" +
          kvq::to_string(c.variant) + "/" + to_string(c.shape);

@@ -1,22 +1,29 @@
 #!/usr/bin/env python3
 """kvq against the same operations written as a PyTorch user would, timed the same way in one run.
 
-The PyTorch side is plain code (eager), and the same functions under torch.compile (static
-shapes, default mode). The kvq side is kvq_bench itself, run from here with a filter that selects
-the matching cases (or read from a JSON file it wrote earlier in the same session).
+The PyTorch side is plain code (eager, timed for the paper's rows), and the same functions under
+torch.compile (static shapes, one compiled graph per shape: dynamo's recompile limit is raised, since
+at its default of 8 it silently falls back to eager). The kvq side is kvq_bench: its JSON from this
+run (--kvq-json, the default workload and paper mode) or kvq_bench run from here on the matching
+cases (--kvq-bench).
 
-Both sides are timed alike: a warm-up, then per call an L2 flush (a read of a 256 MB buffer), on
-the PyTorch side a GPU spin that covers Python's dispatch (kvq_bench's C++ launch hides behind its
-flush kernel), CUDA events around the call, the median over the same number of calls as kvq_bench uses. GB/s counts
-the same bytes on both sides (kvq_bench's `bytes` counter: input + output + fp32 scales, once).
+Both sides are timed alike (kvq_bench.cu states the method): each call is captured `calls` times
+back to back into a CUDA graph (20; fewer for calls of more than 400 MB, the same rule as
+kvq_bench), and graph replays are timed with CUDA events. Cold: the L2 is flushed (a read of a 256 MB
+buffer) before each replay; hot: replays back to back. Before each timed replay a GPU spin covers
+Python's launch of the replay, so the window holds GPU work only. Per call = replay / calls, median
+over the replays. GB/s counts the same bytes on both sides (kvq_bench's `bytes` counter: input +
+output + fp32 scales, once).
 
-    python3 bench/compare_torch.py --kvq-bench build/bench/kvq_bench --out-json torch.json --out-md compare.md
+    python3 bench/compare_torch.py --kvq-json bench.json paper.json --out-json torch.json --out-md compare.md
 
-Prints a markdown table: time of each, and kvq's speedup (torch time / kvq time: > 1 is kvq faster).
+Prints markdown tables: time of each, and kvq's speedup (torch time / kvq time: > 1 is kvq faster).
 """
 
 import argparse
 import json
+import math
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -27,48 +34,90 @@ import time
 PAPER_SHAPES = [(1024, 64), (2048, 128), (16384, 256), (65536, 256), (131072, 256), (131072, 1024),
                 (131072, 2048), (131072, 4096), (131072, 8192), (262144, 128)]
 HEADLINE = (131072, 8192)
+DTYPES = ("float", "half", "bfloat16")
+ELEMENT_BYTES = {"float": 4, "half": 2, "bfloat16": 2}
 
-# op -> the kvq_bench case that does the same work (op/dtype/granularity/variant/shape)
-KVQ_CASE = {
-    "per_channel": "quantize/{dtype}/per_channel/auto/{shape}",
-    "per_token": "quantize/{dtype}/per_token/auto/{shape}",
-    "given": "quantize_with_scales/{dtype}/per_channel/auto/{shape}",
-    "dequantize": "dequantize/{dtype}/per_channel/auto/{shape}",
-    "per_channel_g128": "quantize/{dtype}/per_channel_g128/auto/{shape}",
-    "per_token_g32": "quantize/{dtype}/per_token_g32/auto/{shape}",
+# op -> (the kvq_bench case that does the same work: op/granularity, title)
+OPS = {
+    "per_channel": ("quantize/{dtype}/per_channel", "per-channel (scales on the GPU)"),
+    "per_token": ("quantize/{dtype}/per_token", "per-token (scales on the GPU)"),
+    "given": ("quantize_with_scales/{dtype}/per_channel", "given per-channel scales"),
+    "dequantize": ("dequantize/{dtype}/per_channel", "dequantize (per-channel)"),
+    "per_channel_g128": ("quantize/{dtype}/per_channel_g128", "per-channel, groups of 128 tokens"),
+    "per_token_g32": ("quantize/{dtype}/per_token_g32", "per-token, groups of 32 channels"),
+    "given_per_token": ("quantize_with_scales/{dtype}/per_token", "given per-token scales"),
+    "dequantize_per_token": ("dequantize/{dtype}/per_token", "dequantize (per-token)"),
+    "given_g128": ("quantize_with_scales/{dtype}/per_channel_g128", "given per-channel scales, groups of 128"),
+    "dequantize_g128": ("dequantize/{dtype}/per_channel_g128", "dequantize (per-channel, groups of 128)"),
 }
-OP_TITLE = {
-    "per_channel": "per-channel (scales on the GPU)",
-    "per_token": "per-token (scales on the GPU)",
-    "given": "given per-channel scales",
-    "dequantize": "dequantize (per-channel)",
-    "per_channel_g128": "per-channel, groups of 128 tokens",
-    "per_token_g32": "per-token, groups of 32 channels",
-}
+HEADLINE_OPS = ("per_channel", "per_token", "given", "dequantize", "per_channel_g128", "per_token_g32")
+ROW_OPS = ("per_token", "given_per_token", "dequantize_per_token")
+VIEW_OPS = ("per_channel_g128", "given_g128", "dequantize_g128", "per_token")
+
+# The engines' shapes (kvq_bench.cu, engine_cases): rows one head wide, [T, H, D] and [B, H, T, D].
+HEAD_DIMS = (64, 80, 96, 128, 256)
+ENGINE_ROWS = (64, 2048, 16384, 65536, 262144, 1048576)
+VIEWS = [("THD", dict(tokens=128, heads=8, batch=1, channels=128)),
+         ("THD", dict(tokens=32768, heads=8, batch=1, channels=64)),
+         ("THD", dict(tokens=32768, heads=8, batch=1, channels=128)),
+         ("THD", dict(tokens=32768, heads=8, batch=1, channels=256)),
+         ("BHTD", dict(tokens=8192, heads=8, batch=4, channels=128))]
+
+MAX_CALLS_PER_REPLAY = 20
+REPLAY_BYTES = 8e9  # kvq_bench.cu: kReplayBytes
+
+
+def calls_per_replay(nbytes):
+    """kvq_bench.cu's calls_per_replay: 20 calls, fewer when 20 would move more than 8 GB."""
+    return int(min(max(math.floor(REPLAY_BYTES / nbytes), 1), MAX_CALLS_PER_REPLAY))
+
+
+def shape_name(r):
+    t, d = r["tokens"], r["channels"]
+    if r["layout"] == "rows":
+        return f"rows{t}_D{d}"
+    if r["layout"] == "THD":
+        return f"THD_T{t}_H{r['heads']}_D{d}"
+    if r["layout"] == "BHTD":
+        return f"BHTD_B{r['batch']}_H{r['heads']}_T{t}_D{d}"
+    return f"T{t}_D{d}"
+
+
+def make_row(dtype, layout, op, tokens, channels, heads=1, batch=1, eager=False):
+    r = dict(dtype=dtype, layout=layout, op=op, tokens=tokens, channels=channels, heads=heads, batch=batch,
+             eager=eager)
+    r["kvq_case"] = OPS[op][0].format(dtype=dtype) + "/auto/" + shape_name(r)
+    r["elements"] = batch * heads * tokens * channels
+    return r
 
 
 def cases(quick):
-    """(dtype, tokens, channels, op): every op and dtype at the headline size, the anchors' small
-    rows, and the paper's path (fp32, given scales) on every paper shape for the plot."""
-    out = [(dt, *HEADLINE, op) for dt in ("float", "half", "bfloat16") for op in KVQ_CASE]
-    out += [("half", 262144, 128, "per_token"), ("float", 16384, 256, "per_token"), ("half", 16384, 256, "per_token")]
+    """The rows to compare: the engines' shapes first (torch.compile only: per-token rows for D in
+    {64, 128, 256} in every dtype and for 80 and 96 in fp16; the per-head views with keys per
+    channel in groups of 128 and values per token), then every op and dtype at the paper's headline
+    size and the paper's path (fp32, given scales) on its other shapes (eager too)."""
+    rows = []
+    for dt in DTYPES:
+        for d in HEAD_DIMS:
+            if d in (80, 96) and dt != "half":
+                continue
+            for op in ROW_OPS:
+                rows += [make_row(dt, "rows", op, n, d) for n in ENGINE_ROWS]
+    for dt in DTYPES:
+        for layout, v in VIEWS:
+            rows += [make_row(dt, layout, op, **v) for op in VIEW_OPS]
+    rows += [make_row(dt, "matrix", op, *HEADLINE, eager=True) for dt in DTYPES for op in HEADLINE_OPS]
     if not quick:
-        out += [("float", t, d, "given") for (t, d) in PAPER_SHAPES if (t, d) != HEADLINE]
-    return out
-
-
-def kvq_name(dtype, tokens, channels, op):
-    return KVQ_CASE[op].format(dtype=dtype, shape=f"T{tokens}_D{channels}")
-
-
-def iterations(elements):
-    """The same sample counts as kvq_bench (iterations_for in kvq_bench.cu)."""
-    return 20 if elements >= 1 << 26 else 50 if elements >= 1 << 22 else 200
+        rows += [make_row("float", "matrix", "given", t, d, eager=True) for (t, d) in PAPER_SHAPES if (t, d) != HEADLINE]
+    return rows
 
 
 # --- the PyTorch user's code ------------------------------------------------------------------
 
 def make_ops(torch):
+    """{op: fn}. Each fn takes the tensor in its layout (and scales or codes) and returns what kvq
+    returns: (codes, scales) for a quantize with scales on the GPU, codes, or values."""
+
     def scale_of(amax):
         scale = amax.float() / 127
         return torch.where(scale > 0, scale, 1.0)  # an all-zero group would divide by zero
@@ -76,25 +125,43 @@ def make_ops(torch):
     def codes(x, scale):
         return torch.round(x / scale).clamp(-127, 127).to(torch.int8)  # round: half to even
 
+    def token_groups(x):
+        """x with its token axis split into groups of 128 (x.ndim + 1 dims), and the groups' axis + 1."""
+        if x.ndim == 2:  # [T, D]
+            t, d = x.shape
+            return x.view(t // 128, 128, d), 1
+        if x.ndim == 3:  # [T, H, D]
+            t, h, d = x.shape
+            return x.view(t // 128, 128, h, d), 1
+        b, h, t, d = x.shape  # [B, H, T, D]
+        return x.view(b, h, t // 128, 128, d), 3
+
     def per_channel(x):  # x (T, D): one scale per channel, over all tokens
         scale = scale_of(x.abs().amax(dim=0, keepdim=True))
         return codes(x, scale), scale
 
-    def per_token(x):  # one scale per token
-        scale = scale_of(x.abs().amax(dim=1, keepdim=True))
+    def per_token(x):  # one scale per row (token, or token and head), over the last axis
+        scale = scale_of(x.abs().amax(dim=-1, keepdim=True))
         return codes(x, scale), scale
 
-    def given(x, scale):  # calibrated per-channel scales
+    def given(x, scale):  # calibrated scales, broadcast over x
         return codes(x, scale)
 
     def dequantize(q, scale, dtype):
         return (q.float() * scale).to(dtype)
 
     def per_channel_g128(x):  # KIVI-style keys: a scale per channel per 128 tokens
-        t, d = x.shape
-        xg = x.view(t // 128, 128, d)
-        scale = scale_of(xg.abs().amax(dim=1, keepdim=True))
-        return codes(xg, scale).view(t, d), scale
+        xg, axis = token_groups(x)
+        scale = scale_of(xg.abs().amax(dim=axis, keepdim=True))
+        return codes(xg, scale).view(x.shape), scale
+
+    def given_g128(x, scale):
+        xg, _ = token_groups(x)
+        return codes(xg, scale).view(x.shape)
+
+    def dequantize_g128(q, scale, dtype):
+        qg, _ = token_groups(q)
+        return (qg.float() * scale).to(dtype).view(q.shape)
 
     def per_token_g32(x):  # llama.cpp-like blocks: a scale per 32 channels of a token
         t, d = x.shape
@@ -103,36 +170,82 @@ def make_ops(torch):
         return codes(xg, scale).view(t, d), scale
 
     return {"per_channel": per_channel, "per_token": per_token, "given": given, "dequantize": dequantize,
-            "per_channel_g128": per_channel_g128, "per_token_g32": per_token_g32}
+            "per_channel_g128": per_channel_g128, "per_token_g32": per_token_g32, "given_per_token": given,
+            "dequantize_per_token": dequantize, "given_g128": given_g128, "dequantize_g128": dequantize_g128}
 
 
-class Timer:
-    """CUDA events around each call after an L2 flush, median of `n` calls, as kvq_bench does."""
+# The op that makes the scales (and codes) a given-scales or dequantize op reads.
+SOURCE_OP = {"given": "per_channel", "dequantize": "per_channel", "given_per_token": "per_token",
+             "dequantize_per_token": "per_token", "given_g128": "per_channel_g128",
+             "dequantize_g128": "per_channel_g128"}
+
+
+def make_args(torch, ops, r, tdt):
+    """The inputs of row r's op: x in its layout, uniform in [-1, 1) (never zeros)."""
+    t, d, h, b = r["tokens"], r["channels"], r["heads"], r["batch"]
+    shape = {"matrix": (t, d), "rows": (t, d), "THD": (t, h, d), "BHTD": (b, h, t, d)}[r["layout"]]
+    x = (torch.rand(*shape, device="cuda") * 2 - 1).to(tdt)
+    op = r["op"]
+    if op not in SOURCE_OP:
+        return (x,)
+    q, scale = ops[SOURCE_OP[op]](x)
+    return (q, scale, tdt) if op.startswith("dequantize") else (x, scale)
+
+
+def configure_dynamo(torch):
+    """One compiled specialization per (op, shape, dtype): raise dynamo's per-function limits so that
+    none silently falls back to eager."""
+    import torch._dynamo
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        try:  # the names changed across releases; set whichever this one has
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 4096)
+        except Exception:
+            pass
+
+
+class GraphTimer:
+    """Times a function as kvq_bench times a call: `calls` back to back in a CUDA graph, replays
+    timed with events, cold (L2 flushed first) and hot (back to back); ms per call, medians."""
 
     def __init__(self, torch):
         self.torch = torch
         self.flush_buf = torch.zeros(256 << 20 >> 2, dtype=torch.int32, device="cuda")
         self.start = torch.cuda.Event(enable_timing=True)
         self.stop = torch.cuda.Event(enable_timing=True)
-        self.spin_cycles = 2_000_000  # about 1 ms of GPU clock
+        self.spin_cycles = 100_000  # about 50 us of GPU clock: covers Python's replay launch
 
-    def median_us(self, fn, n, warmup=3):
-        for _ in range(warmup):
-            fn()
-        self.torch.cuda.synchronize()
-        ms = []
-        for _ in range(n):
-            self.flush_buf.max()  # a read: leaves clean lines, like kvq_bench's flush kernel
-            # Keep the GPU busy while Python dispatches fn (tens of microseconds for torch.compile's
-            # guards), so the window holds the GPU work only, as for kvq_bench's C++ launches. Without
-            # it, decode-sized calls timed Python overhead (about 5x the anchors' torch.compile times).
-            self.torch.cuda._sleep(self.spin_cycles)
-            self.start.record()
-            fn()
-            self.stop.record()
-            self.stop.synchronize()
-            ms.append(self.start.elapsed_time(self.stop))
-        return statistics.median(ms) * 1e3
+    def time(self, fn, calls, replays):
+        torch = self.torch
+        fn()  # outside the capture: compiles, autotunes, allocates
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        out = {}
+        for mode in ("cold", "hot"):
+            ms = []
+            for i in range(replays + 1):  # the first is warm-up
+                if mode == "cold":
+                    self.flush_buf.max()  # a read: leaves clean lines, like kvq_bench's flush kernel
+                else:
+                    torch.cuda._sleep(self.spin_cycles)
+                self.start.record()
+                graph.replay()
+                self.stop.record()
+                self.stop.synchronize()
+                if i > 0:
+                    ms.append(self.start.elapsed_time(self.stop) / calls)
+            out[mode] = statistics.median(ms) * 1e3
+        del graph
+        return out["cold"], out["hot"]
+
+
+def replays_for(elements):
+    """kvq_bench.cu's iterations_for: replays per case."""
+    return 15 if elements >= 1 << 26 else 30 if elements >= 1 << 22 else 50
 
 
 def mismatches(torch, a, b):
@@ -143,50 +256,94 @@ def mismatches(torch, a, b):
     return int((a != b).sum().item())
 
 
-def time_torch(torch, rows, compile_mode, save):
-    """Times every row, calling save() after each (a run cut short still leaves its rows)."""
-    ops = make_ops(torch)
-    compiled = {}
-    timer = Timer(torch)
-    dtypes = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
-    for row in rows:
-        try:
-            time_row(torch, row, ops, compiled, timer, dtypes[row["dtype"]], compile_mode)
-        except Exception as e:  # one failed row (out of memory, a compile error) must not lose the others
-            row["error"] = f"{type(e).__name__}: {e}"
-            print(f"  torch {row['dtype']} T{row['tokens']}_D{row['channels']} {row['op']}: FAILED {row['error']}",
-                  flush=True)
-        torch.cuda.empty_cache()
-        save()
+def torch_dtype(torch, name):
+    return {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def time_row(torch, row, ops, compiled, timer, tdt, compile_mode):
-    """Eager, then compiled, for one row; fills the row's times."""
-    dt, t, d, op = row["dtype"], row["tokens"], row["channels"], row["op"]
-    x = (torch.rand(t, d, device="cuda") * 2 - 1).to(tdt)
-    q, scale = ops["per_channel"](x)  # inputs of `given` and `dequantize`
+def time_row(torch, row, ops, compiled, timer, compile_mode):
+    """torch.compile (and eager, for the rows marked so) for one row; fills the row's times."""
+    tdt = torch_dtype(torch, row["dtype"])
+    op = row["op"]
+    args = make_args(torch, ops, row, tdt)
     if op not in compiled:
         compiled[op] = torch.compile(ops[op], dynamic=False, mode=compile_mode)
-    if op == "given":
-        args = (x, scale)
-    elif op == "dequantize":
-        args = (q, scale, tdt)
-    else:
-        args = (x,)
-    n = iterations(t * d)
-    row["iterations"] = n
-    row["eager_us"] = timer.median_us(lambda: ops[op](*args), n)
+    nbytes = row.get("bytes") or row["elements"] * (ELEMENT_BYTES[row["dtype"]] + 1)
+    calls = row.get("calls_per_replay") or calls_per_replay(nbytes)
+    replays = replays_for(row["elements"])
+    row["calls_per_replay"] = calls
     t0 = time.time()
     out = compiled[op](*args)  # compiles for this shape and dtype
     row["compile_seconds"] = round(time.time() - t0, 1)
-    row["compile_us"] = timer.median_us(lambda: compiled[op](*args), n)
+    row["compile_us"], row["compile_hot_us"] = timer.time(lambda: compiled[op](*args), calls, replays)
+    if row["eager"]:
+        row["eager_us"], row["eager_hot_us"] = timer.time(lambda: ops[op](*args), calls, replays)
     # Same code, two backends: do they agree? (Triton may divide differently from eager CUDA.)
     ref = ops[op](*args)
     a, b = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
     row["compile_mismatches"] = mismatches(torch, a, b)
-    print(f"  torch {dt:8s} T{t}_D{d} {op:17s} eager {row['eager_us']:10.1f} us   "
-          f"compile {row['compile_us']:10.1f} us   (compiled in {row['compile_seconds']} s)", flush=True)
+    print(f"  torch {row['dtype']:8s} {shape_name(row):24s} {op:20s} compile {row['compile_us']:10.2f} us cold "
+          f"{row['compile_hot_us']:10.2f} us hot (compiled in {row['compile_seconds']} s)"
+          + (f"   eager {row['eager_us']:10.1f} us" if row["eager"] else ""), flush=True)
 
+
+def time_torch(torch, rows, compile_mode, save, deadline):
+    """Times every row, calling save() after each (a run cut short still leaves its rows)."""
+    ops = make_ops(torch)
+    compiled = {}
+    timer = GraphTimer(torch)
+    for row in rows:
+        if time.time() > deadline:
+            row["error"] = "not timed: the run's deadline passed"
+            continue
+        try:
+            time_row(torch, row, ops, compiled, timer, compile_mode)
+        except Exception as e:  # one failed row (out of memory, a compile error) must not lose the others
+            row["error"] = f"{type(e).__name__}: {e}"
+            print(f"  torch {row['dtype']} {shape_name(row)} {row['op']}: FAILED {row['error']}", flush=True)
+        torch.cuda.empty_cache()
+        save()
+
+
+# --- compiling ahead in parallel ----------------------------------------------------------------
+
+def precompile_worker(rows, compile_mode):
+    """Compiles each row's op for its shape once, filling inductor's on-disk caches, so that the
+    timing process's own compiles hit them instead of compiling serially."""
+    import torch
+    configure_dynamo(torch)
+    ops = make_ops(torch)
+    compiled = {}
+    for r in rows:
+        try:
+            tdt = torch_dtype(torch, r["dtype"])
+            args = make_args(torch, ops, r, tdt)
+            if r["op"] not in compiled:
+                compiled[r["op"]] = torch.compile(ops[r["op"]], dynamic=False, mode=compile_mode)
+            compiled[r["op"]](*args)
+            del args
+        except Exception as e:  # the timing process compiles (and reports) it again
+            print(f"  precompile {r['kvq_case']}: {type(e).__name__}: {e}", flush=True)
+    torch.cuda.synchronize()
+    return len(rows)
+
+
+def precompile(rows, jobs, compile_mode):
+    t0 = time.time()
+    # Each worker compiles on one thread (inductor would otherwise start a pool per process).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    ctx = multiprocessing.get_context("spawn")
+    shares = [rows[i::jobs] for i in range(jobs)]
+    try:
+        with ctx.Pool(jobs) as pool:
+            done = sum(pool.starmap(precompile_worker, [(share, compile_mode) for share in shares if share]))
+        print(f"precompiled {done} graphs in {jobs} processes in {time.time() - t0:.0f} s", flush=True)
+    except Exception as e:
+        print(f"compare_torch.py: precompiling failed ({type(e).__name__}: {e}); compiling while timing", flush=True)
+    finally:
+        os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS", None)
+
+
+# --- kvq's side -------------------------------------------------------------------------------
 
 def run_kvq(bench, names, out_json):
     # Google Benchmark names a case "<our name>/iterations:N/manual_time": match the prefix.
@@ -199,17 +356,23 @@ def run_kvq(bench, names, out_json):
     return rc
 
 
-def load_kvq(path):
-    if not os.path.exists(path):  # kvq_bench found no GPU, or did not get far enough to write
-        print(f"compare_torch.py: no kvq results in {path}", flush=True)
-        return {}, {}
-    with open(path) as f:
-        data = json.load(f)
-    # op/dtype/granularity/variant/shape, without Google Benchmark's /iterations:N/manual_time
-    runs = {"/".join(b["name"].split("/")[:5]): b for b in data.get("benchmarks", [])
-            if b.get("run_type", "iteration") == "iteration"}
-    return data.get("context", {}), runs
+def load_kvq(paths):
+    """kvq_bench's context and its runs by case name, from one or more of its JSON files."""
+    context, runs = {}, {}
+    for path in paths:
+        if not os.path.exists(path):  # kvq_bench found no GPU, or did not get far enough to write
+            print(f"compare_torch.py: no kvq results in {path}", flush=True)
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        context = context or data.get("context", {})
+        # op/dtype/granularity/variant/shape, without Google Benchmark's /iterations:N/manual_time
+        runs.update({"/".join(b["name"].split("/")[:5]): b for b in data.get("benchmarks", [])
+                     if b.get("run_type", "iteration") == "iteration"})
+    return context, runs
 
+
+# --- output -----------------------------------------------------------------------------------
 
 def fmt_time(us):
     if us is None:
@@ -217,49 +380,70 @@ def fmt_time(us):
     return f"{us:.2f} us" if us < 100 else f"{us:.1f} us" if us < 1000 else f"{us / 1000:.3f} ms"
 
 
-ELEMENT_BYTES = {"float": 4, "half": 2, "bfloat16": 2}
-
-
-def fmt_bw(row, key, copy):
-    """GB/s and % of copy; for whole-sequence per-channel also % of copy counting both reads of x."""
+def pct_copy(row, key, copy):
     us = row.get(key)
-    if us is None or not row.get("bytes"):
-        return ""
-    gbps = row["bytes"] / (us * 1e-6) / 1e9
-    if not copy:
-        return f" ({gbps:.0f} GB/s)"
-    text = f" ({gbps:.0f} GB/s, {100 * gbps / copy:.0f}%"
-    if row["op"] == "per_channel":
-        moved = row["bytes"] + row["tokens"] * row["channels"] * ELEMENT_BYTES[row["dtype"]]
-        text += f"; 2 reads: {100 * moved / (us * 1e-6) / 1e9 / copy:.0f}%"
-    return text + ")"
+    if us is None or not row.get("bytes") or not copy:
+        return "-"
+    return f"{100 * row['bytes'] / (us * 1e-6) / 1e9 / copy:.0f}%"
 
 
 def ratio(num, den):
     return f"{num / den:.2f}x" if num and den else "-"
 
 
-def markdown(rows, copy, header):
-    lines = [header, "",
-             "Times are medians; GB/s and % of the device-to-device copy count input + output + fp32 scales "
-             "once (whole-sequence per-channel must read its input twice). Speedup = torch time / kvq time "
-             "(> 1: kvq is faster).", "",
-             "| dtype | T x D | op | kvq (auto) | torch eager | torch.compile | kvq vs compile | kvq vs eager |",
-             "|---|---|---|---|---|---|---|---|"]
+def engine_markdown(rows, copy):
+    lines = ["### Engine shapes: kvq vs torch.compile", "",
+             "Per call inside CUDA graphs, both sides timed alike; cold = L2 flushed before each replay, hot = "
+             "replays back to back. Speedup = torch time / kvq time (> 1: kvq is faster); % = of the "
+             "device-to-device copy rate, at the cold time.", "",
+             "| dtype | shape | op | MB | kvq cold | torch.compile cold | kvq % copy | torch % copy | speedup cold | "
+             "kvq hot | torch.compile hot | speedup hot |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r["layout"] == "matrix":
+            continue
+        mb = f"{r['bytes'] / 1e6:.3g}" if r.get("bytes") else "-"
         lines.append(
-            f"| {r['dtype']} | {r['tokens']} x {r['channels']} | {OP_TITLE[r['op']]} | "
-            f"{fmt_time(r.get('kvq_us'))}{fmt_bw(r, 'kvq_us', copy)} | {fmt_time(r.get('eager_us'))} | "
-            f"{fmt_time(r.get('compile_us'))}{fmt_bw(r, 'compile_us', copy)} | "
-            f"{ratio(r.get('compile_us'), r.get('kvq_us'))} | {ratio(r.get('eager_us'), r.get('kvq_us'))} |")
+            f"| {r['dtype']} | {shape_name(r)} | {OPS[r['op']][1]} | {mb} | {fmt_time(r.get('kvq_us'))} | "
+            f"{fmt_time(r.get('compile_us'))} | {pct_copy(r, 'kvq_us', copy)} | {pct_copy(r, 'compile_us', copy)} | "
+            f"{ratio(r.get('compile_us'), r.get('kvq_us'))} | {fmt_time(r.get('kvq_hot_us'))} | "
+            f"{fmt_time(r.get('compile_hot_us'))} | {ratio(r.get('compile_hot_us'), r.get('kvq_hot_us'))} |")
+    return lines
+
+
+def paper_markdown(rows, copy):
+    lines = ["### The paper's shapes: kvq vs eager PyTorch and torch.compile (cold)", "",
+             "| dtype | T x D | op | kvq (auto) | kvq % copy | torch eager | torch.compile | torch % copy | "
+             "kvq vs compile | kvq vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["layout"] != "matrix":
+            continue
+        extra = ""
+        if r["op"] == "per_channel" and r.get("kvq_us") and r.get("bytes"):  # whole-sequence: two reads of x
+            moved = r["bytes"] + r["elements"] * ELEMENT_BYTES[r["dtype"]]
+            extra = f" (2 reads: {100 * moved / (r['kvq_us'] * 1e-6) / 1e9 / copy:.0f}%)" if copy else ""
+        lines.append(
+            f"| {r['dtype']} | {r['tokens']} x {r['channels']} | {OPS[r['op']][1]} | {fmt_time(r.get('kvq_us'))} | "
+            f"{pct_copy(r, 'kvq_us', copy)}{extra} | {fmt_time(r.get('eager_us'))} | {fmt_time(r.get('compile_us'))} | "
+            f"{pct_copy(r, 'compile_us', copy)} | {ratio(r.get('compile_us'), r.get('kvq_us'))} | "
+            f"{ratio(r.get('eager_us'), r.get('kvq_us'))} |")
+    return lines
+
+
+def markdown(rows, copy, header, floor):
+    lines = [header, "", floor, ""] + engine_markdown(rows, copy) + [""] + paper_markdown(rows, copy)
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "PyTorch failed on: " + "; ".join(
-            f"{r['dtype']} T{r['tokens']}_D{r['channels']} {r['op']} ({r['error']})" for r in failed)]
+            f"{r['dtype']} {shape_name(r)} {r['op']} ({r['error']})" for r in failed)]
     mism = [r for r in rows if r.get("compile_mismatches")]
     if mism:
         lines += ["", "torch.compile's output differed from eager's in: " + ", ".join(
-            f"{r['dtype']} T{r['tokens']}_D{r['channels']} {r['op']} ({r['compile_mismatches']} elements)" for r in mism)]
+            f"{r['dtype']} {shape_name(r)} {r['op']} ({r['compile_mismatches']} elements)" for r in mism)]
+    missing = [r for r in rows if r.get("kvq_us") is None]
+    if missing:
+        lines += ["", f"No kvq number for {len(missing)} rows, e.g. {missing[0]['kvq_case']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -267,47 +451,46 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--kvq-bench", help="path of kvq_bench: run it here on the matching cases")
-    src.add_argument("--kvq-json", help="a JSON file kvq_bench wrote (--benchmark_out) instead of running it")
+    src.add_argument("--kvq-json", nargs="+", help="JSON files kvq_bench wrote (--benchmark_out) in this run")
     ap.add_argument("--out-json", default="torch.json")
     ap.add_argument("--out-md", default="compare.md")
     ap.add_argument("--quick", action="store_true", help="skip the fp32 sweep over the paper's shapes")
+    ap.add_argument("--only", choices=("all", "engine", "paper"), default="all",
+                    help="the engines' shapes, the paper's, or both (default)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: PyTorch's default)")
+    ap.add_argument("--jobs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
+                    help="processes that compile ahead in parallel (1: compile while timing)")
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="stop timing rows after this many seconds")
     args = ap.parse_args()
+    deadline = time.time() + args.deadline_s
 
-    rows = [dict(dtype=dt, tokens=t, channels=d, op=op, kvq_case=kvq_name(dt, t, d, op))
-            for (dt, t, d, op) in cases(args.quick)]
+    rows = [r for r in cases(args.quick)
+            if args.only == "all" or (r["layout"] == "matrix") == (args.only == "paper")]
 
     # kvq first, while nothing else holds GPU memory.
     kvq_json, kvq_rc = args.kvq_json, 0
     if args.kvq_bench:
-        kvq_json = os.path.join(tempfile.mkdtemp(prefix="kvq_compare_"), "kvq.json")
-        kvq_rc = run_kvq(args.kvq_bench, sorted({r["kvq_case"] for r in rows}), kvq_json)
+        kvq_json = [os.path.join(tempfile.mkdtemp(prefix="kvq_compare_"), "kvq.json")]
+        kvq_rc = run_kvq(args.kvq_bench, sorted({r["kvq_case"] for r in rows}), kvq_json[0])
     context, runs = load_kvq(kvq_json)
     copy = float(context.get("copy_GBps", 0) or 0)
     for r in rows:
         run = runs.get(r["kvq_case"])
         if run and "median_us" in run:
             r["kvq_us"] = run["median_us"]
+            r["kvq_hot_us"] = run.get("hot_us")
             r["bytes"] = run["bytes"]
+            r["calls_per_replay"] = int(run.get("calls_per_replay", 0)) or None
 
     try:  # after kvq_bench: torch would otherwise keep GPU memory for its caching allocator
         import torch
-        import torch._dynamo
     except ImportError as e:
         print(f"compare_torch.py: PyTorch is not importable ({e}); nothing to compare.")
         return 1
     if not torch.cuda.is_available():
         print("compare_torch.py: no usable CUDA GPU for PyTorch; nothing to compare.")
         return 0
-    # One compiled specialization per (op, shape, dtype): raise dynamo's per-function limit so none
-    # silently falls back to eager.
-    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                 "accumulated_recompile_limit"):
-        try:  # the names changed across releases; set whichever this one has
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 256)
-        except Exception:
-            pass
+    configure_dynamo(torch)
     try:
         import triton
         triton_version = triton.__version__
@@ -317,21 +500,28 @@ def main():
     gpu = context.get("gpu") or torch.cuda.get_device_name()
     header = (f"## kvq vs PyTorch on {gpu} (copy {copy:.0f} GB/s; torch {torch.__version__}, "
               f"triton {triton_version}, torch.compile mode {args.compile_mode or 'default'})")
+    floor = (f"kvq_bench's floor (an empty kernel timed the same way): {context.get('floor_us', '?')} us cold, "
+             f"{context.get('floor_hot_us', '?')} us hot per call.")
 
     def save():
         with open(args.out_md, "w") as f:
-            f.write(markdown(rows, copy, header))
+            f.write(markdown(rows, copy, header, floor))
         result = {"gpu": gpu, "copy_GBps": copy, "torch": torch.__version__, "triton": triton_version,
                   "compile_mode": args.compile_mode or "default",
-                  "method": "median of CUDA-event times after warm-up, L2 flushed (256 MB read) and the GPU kept busy (~1 ms spin) while each call is dispatched",
+                  "method": "CUDA graphs of calls_per_replay back-to-back calls, replays timed with events; "
+                            "cold: 256 MB read before each replay; hot: replays back to back (a GPU spin covers "
+                            "the launch); medians per call",
                   "kvq_context": context, "rows": rows}
         with open(args.out_json, "w") as f:
             json.dump(result, f, indent=1)
 
-    print("timing PyTorch (eager, then torch.compile)...", flush=True)
-    time_torch(torch, rows, args.compile_mode, save)
+    if args.jobs > 1:
+        print(f"compiling {len(rows)} graphs ahead in {args.jobs} processes...", flush=True)
+        precompile(rows, args.jobs, args.compile_mode)
+    print("timing PyTorch (torch.compile; eager for the paper's rows)...", flush=True)
+    time_torch(torch, rows, args.compile_mode, save, deadline)
     print()
-    print(markdown(rows, copy, header))
+    print(markdown(rows, copy, header, floor))
     print(f"wrote {args.out_md} and {args.out_json}")
     return 1 if kvq_rc != 0 or any("error" in r for r in rows) else 0
 

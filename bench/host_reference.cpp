@@ -82,16 +82,17 @@ double value_of(T v) {
   return kvq::to_float(v);
 }
 
-/// rows [r0, r0 + rows) x columns [c0, c0 + cols) of a row-major matrix.
+/// Rows [r0, r0 + rows) x columns [c0, c0 + cols) of matrix b of a batch of row-major matrices.
 struct Window {
-  std::int64_t r0, rows, c0, cols;
+  std::int64_t b, r0, rows, c0, cols;
   std::int64_t size() const { return rows * cols; }
 };
 
-/// Copies a window of a device matrix with `ld` elements per row into a dense host array.
+/// Copies a window of a batch of device matrices (`ld` elements per row, `batch_stride` per matrix)
+/// into a dense host array.
 template <class E>
-std::string copy_window(const void* device, std::int64_t ld, const Window& w, E* host) {
-  const E* src = static_cast<const E*>(device) + w.r0 * ld + w.c0;
+std::string copy_window(const void* device, std::int64_t batch_stride, std::int64_t ld, const Window& w, E* host) {
+  const E* src = static_cast<const E*>(device) + w.b * batch_stride + w.r0 * ld + w.c0;
   const cudaError_t err = cudaMemcpy2D(host, static_cast<std::size_t>(w.cols) * sizeof(E), src,
                                        static_cast<std::size_t>(ld) * sizeof(E),
                                        static_cast<std::size_t>(w.cols) * sizeof(E),
@@ -100,7 +101,7 @@ std::string copy_window(const void* device, std::int64_t ld, const Window& w, E*
 }
 
 /// "" when gpu and ref (window w of the named tensor) are equal bit for bit, else the first
-/// difference in the tensor's own coordinates and how many elements differ.
+/// difference in the tensor's own coordinates (batch, row, column) and how many elements differ.
 template <class E>
 std::string compare(const char* what, const E* gpu, const E* ref, const Window& w) {
   std::int64_t first = -1, count = 0;
@@ -112,8 +113,8 @@ std::string compare(const char* what, const E* gpu, const E* ref, const Window& 
   if (count == 0) return {};
   std::ostringstream os;
   os.precision(9);  // enough digits to tell two fp32 values apart
-  os << what << "[" << w.r0 + first / w.cols << ", " << w.c0 + first % w.cols << "]: GPU " << value_of(gpu[first])
-     << ", CPU reference " << value_of(ref[first]) << " (" << count << " of " << w.size()
+  os << what << "[" << w.b << ", " << w.r0 + first / w.cols << ", " << w.c0 + first % w.cols << "]: GPU "
+     << value_of(gpu[first]) << ", CPU reference " << value_of(ref[first]) << " (" << count << " of " << w.size()
      << " compared elements differ)";
   return os.str();
 }
@@ -131,20 +132,24 @@ constexpr std::int64_t kSampleChannels = 64;
 template <class T>
 std::string check_as(const Case& c, const DeviceTensors& d) {
   const kvq::QuantSpec spec = c.spec();
-  const std::int64_t T_ = c.shape.tokens, D = c.shape.channels;
+  const kvq::KvView view = c.view();
+  const std::int64_t B = view.batch, T_ = view.tokens, D = view.channels;
   const bool per_token = spec.granularity == Granularity::kPerToken;
-  const kvq::ScaleShape ss = kvq::scale_shape(c.view(), spec);  // (1, rows, cols)
+  const kvq::ScaleShape ss = kvq::scale_shape(view, spec);  // (batch, rows, cols)
 
-  // Two windows at the ends of the axis the groups do not span, each holding whole groups.
+  // Two windows, in the first and the last matrix of the batch, at the two ends of the axis the
+  // groups do not span, each holding whole groups.
   const std::int64_t h = std::clamp<std::int64_t>(kSampleElements / D, 1, T_);
   const std::int64_t cw = std::min(D, kSampleChannels);
-  const Window windows[2] = {per_token ? Window{0, h, 0, D} : Window{0, T_, 0, cw},
-                             per_token ? Window{T_ - h, h, 0, D} : Window{0, T_, D - cw, cw}};
-  const bool one_window = windows[0].r0 == windows[1].r0 && windows[0].c0 == windows[1].c0;
+  const Window windows[2] = {per_token ? Window{0, 0, h, 0, D} : Window{0, 0, T_, 0, cw},
+                             per_token ? Window{B - 1, T_ - h, h, 0, D} : Window{B - 1, 0, T_, D - cw, cw}};
+  const bool one_window =
+      windows[0].b == windows[1].b && windows[0].r0 == windows[1].r0 && windows[0].c0 == windows[1].c0;
 
   for (int i = 0; i < (one_window ? 1 : 2); ++i) {
     const Window& w = windows[i];
-    const Window sw = per_token ? Window{w.r0, w.rows, 0, ss.cols} : Window{0, ss.rows, w.c0, w.cols};
+    const Window sw = per_token ? Window{w.b, w.r0, w.rows, 0, ss.cols} : Window{w.b, 0, ss.rows, w.c0, w.cols};
+    const std::int64_t scale_batch_stride = ss.rows * ss.cols;
     const kvq::KvView wv = kvq::contiguous_view(w.rows, w.cols);
     HostArray<T> x(w.size()), y(w.size()), y_ref(w.size());
     HostArray<std::int8_t> q(w.size()), q_ref(w.size());
@@ -152,10 +157,10 @@ std::string check_as(const Case& c, const DeviceTensors& d) {
 
     // Read back what the op read and wrote (scales and codes are one or the other, by op).
     std::string err;
-    if (c.op != Op::kDequantize) err += copy_window(d.x, D, w, x.get());
-    err += copy_window(d.scales, ss.cols, sw, s.get());
-    if (c.op != Op::kComputeScales) err += copy_window(d.q, D, w, q.get());
-    if (c.op == Op::kDequantize) err += copy_window(d.y, D, w, y.get());
+    if (c.op != Op::kDequantize) err += copy_window(d.x, view.batch_stride, view.token_stride, w, x.get());
+    err += copy_window(d.scales, scale_batch_stride, ss.cols, sw, s.get());
+    if (c.op != Op::kComputeScales) err += copy_window(d.q, view.batch_stride, view.token_stride, w, q.get());
+    if (c.op == Op::kDequantize) err += copy_window(d.y, view.batch_stride, view.token_stride, w, y.get());
     if (!err.empty()) return err;
 
     std::string diff;
@@ -279,7 +284,7 @@ ReferenceRun run_reference_as(Shape shape, const kvq::QuantSpec& spec, std::uint
     differs[b / kChunk] = std::memcmp(y_gpu.get() + b, y.get() + b, static_cast<std::size_t>(e - b) * sizeof(T)) != 0;
   });
   if (std::find(differs.begin(), differs.end(), 1) != differs.end()) {
-    r.mismatch = compare("values", y_gpu.get(), y.get(), Window{0, shape.tokens, 0, shape.channels});
+    r.mismatch = compare("values", y_gpu.get(), y.get(), Window{0, 0, shape.tokens, 0, shape.channels});
     return r;
   }
   r.has_accuracy = true;

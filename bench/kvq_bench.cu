@@ -7,19 +7,29 @@
 //   add --benchmark_out=FILE.json --benchmark_out_format=json for the raw numbers
 //
 // Cases are named op/dtype/granularity/variant/shape, e.g. quantize/half/per_token/vectorized/T131072_D8192
-// (Google Benchmark's console, JSON and filter see that name followed by /iterations:N/manual_time).
+// or dequantize/bfloat16/per_token/auto/rows262144_D128 (Google Benchmark's console, JSON and filter
+// see that name followed by /iterations:N/manual_time). Shapes are the paper's [T, D] matrices and
+// the engines' ones: rows one head wide (rowsR_DD: R (token, head) rows of D channels, one scale per
+// row), [T, H, D] seen per head (THD_...) and [B, H, T, D] (BHTD_...).
 // Method, stated once here and printed at start-up:
 //   - inputs: fresh random values in [-1, 1) per case (random.hpp), never zeros, generated on the GPU;
 //   - before any timing, each case's output is checked: outputs are poisoned, the op runs once, no
 //     poison may remain anywhere, and two windows are compared bit for bit with the CPU reference
 //     (host_reference.cpp). A wrong result fails the case (no number) and the exit status;
-//   - then a warm-up (lazy module loading makes first launches slow), then per iteration: flush the
-//     L2 (read a buffer of twice its size, >= 256 MB), CUDA events around the call, UseManualTime. The
-//     counters use the median iteration (Google Benchmark's own time column is the mean);
-//   - GB/s is decimal and counts each operand once: input read + output written + fp32 scales.
-//     Whole-sequence per-channel quantize must read its input twice: GB/s_2reads counts that;
+//   - timing: the call is captured into a CUDA graph `calls` times back to back (20, fewer for calls
+//     of more than 400 MB: calls_per_replay), and graph replays are timed with CUDA events, as
+//     bench/compare_torch.py times PyTorch. Cold: the L2 is flushed (a read of a buffer twice its
+//     size, >= 256 MB) before each replay, as for a prefill whose K/V come from HBM; hot: replays
+//     back to back, as for a decode step whose K/V were just written and sit in L2. A call's time is
+//     a replay's over `calls`; median_us (cold) and hot_us are medians over the replays after a
+//     warm-up (lazy module loading makes first launches slow). Google Benchmark's own time column
+//     is the mean of the cold replays;
+//   - GB/s is decimal and counts each operand once: input read + output written + fp32 scales, at
+//     the cold time. Whole-sequence per-channel quantize must read its input twice: GB/s_2reads
+//     counts that;
 //   - %copy compares with a device-to-device cudaMemcpyAsync of 2 GiB measured at start-up, counting
 //     bytes read + written the same way;
+//   - floor: an empty kernel timed the same way (cold and hot), the least any case can report;
 //   - xCPU (paper shapes, paper configurations; fp32 only outside paper mode): kvq::reference on all
 //     OpenMP threads, timed once per (dtype, granularity, shape) and cached.
 #include "bench_case.hpp"
@@ -36,7 +46,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -148,8 +160,9 @@ Gpu& gpu() {
 /// Median time and the CPU baseline of every case that ran, by name (for the paper and summary tables).
 struct Result {
   Case c;
-  double median_us = 0;
-  double gbps = 0;
+  double median_us = 0;  // cold: L2 flushed before each replay
+  double hot_us = 0;     // replays back to back
+  double gbps = 0;       // at median_us
   double cpu_s = 0;  // 0 when the case has no CPU baseline
 };
 std::map<std::string, Result>& results() {
@@ -222,22 +235,82 @@ unsigned long long count_poison(const void* p, std::int64_t n, std::size_t bytes
   return count;
 }
 
-/// Enqueues the L2 flush, then the call between two events; returns the call's milliseconds.
-cudaError_t time_call(DType t, const Launch& l, float* ms) {
+/// Enqueues a read of the flush buffer: afterwards the L2 holds clean lines of it and nothing of
+/// the case's operands.
+cudaError_t flush_l2() {
   Gpu& g = gpu();
   const auto words = static_cast<std::int64_t>(g.flush_bytes / sizeof(uint4));
   read_flush_kernel<<<helper_blocks(words), kHelperThreads, 0, g.stream>>>(static_cast<const uint4*>(g.flush), words,
                                                                            reinterpret_cast<unsigned*>(g.counter));
-  cudaError_t err = cudaPeekAtLastError();
-  if (err == cudaSuccess) err = cudaEventRecord(g.start, g.stream);
-  if (err == cudaSuccess) err = launch(t, l);
-  if (err == cudaSuccess) err = cudaEventRecord(g.stop, g.stream);
-  if (err == cudaSuccess) err = cudaEventSynchronize(g.stop);
-  if (err == cudaSuccess) err = cudaEventElapsedTime(ms, g.start, g.stop);
-  return err;
+  return cudaPeekAtLastError();
 }
 
-/// Makes c's inputs, runs it once on poisoned outputs and checks the result, then warms up.
+/// Keeps the GPU busy for about `cycles` clocks, so that the host's launch of what follows it is
+/// not inside the timed window.
+__global__ void spin_kernel(long long cycles) {
+  const long long start = clock64();
+  while (clock64() - start < cycles) {
+  }
+}
+constexpr long long kSpinCycles = 100000;  // about 50 us: longer than enqueueing an event and a graph
+
+/// Calls per graph replay: 20 back to back (compare_torch.py uses the same rule), fewer for calls
+/// so large that 20 would move more than kReplayBytes (at least one): such calls run from HBM
+/// anyway, and the replay's own launch is small against them.
+constexpr int kMaxCallsPerReplay = 20;
+constexpr double kReplayBytes = 8e9;
+int calls_per_replay(double bytes) {
+  return static_cast<int>(std::clamp(std::floor(kReplayBytes / bytes), 1.0, double{kMaxCallsPerReplay}));
+}
+
+/// A CUDA graph of `calls` back-to-back launches of one call, and its timed replays.
+class Replay {
+ public:
+  Replay() = default;
+  Replay(const Replay&) = delete;
+  Replay& operator=(const Replay&) = delete;
+  ~Replay() {
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+  }
+
+  cudaError_t capture(int calls, const std::function<cudaError_t()>& call) {
+    Gpu& g = gpu();
+    calls_ = calls;
+    cudaError_t err = cudaStreamBeginCapture(g.stream, cudaStreamCaptureModeThreadLocal);
+    if (err != cudaSuccess) return err;
+    for (int i = 0; i < calls && err == cudaSuccess; ++i) err = call();
+    cudaGraph_t graph = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(g.stream, &graph);  // always ends the capture
+    if (err == cudaSuccess) err = end;
+    if (err == cudaSuccess) err = cudaGraphInstantiate(&exec_, graph, 0);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    return err;
+  }
+
+  /// Milliseconds per call of one replay; the L2 is flushed before it when `cold`. Either the flush
+  /// or a spin precedes the start event, so the window holds the replay's GPU work only.
+  cudaError_t time(bool cold, double* ms_per_call) const {
+    Gpu& g = gpu();
+    if (!cold) spin_kernel<<<1, 1, 0, g.stream>>>(kSpinCycles);
+    cudaError_t err = cold ? flush_l2() : cudaPeekAtLastError();
+    if (err == cudaSuccess) err = cudaEventRecord(g.start, g.stream);
+    if (err == cudaSuccess) err = cudaGraphLaunch(exec_, g.stream);
+    if (err == cudaSuccess) err = cudaEventRecord(g.stop, g.stream);
+    if (err == cudaSuccess) err = cudaEventSynchronize(g.stop);
+    float ms = 0;
+    if (err == cudaSuccess) err = cudaEventElapsedTime(&ms, g.start, g.stop);
+    *ms_per_call = static_cast<double>(ms) / calls_;
+    return err;
+  }
+
+  int calls() const { return calls_; }
+
+ private:
+  cudaGraphExec_t exec_ = nullptr;
+  int calls_ = 1;
+};
+
+/// Makes c's inputs, runs it once on poisoned outputs and checks the result.
 /// Throws on any CUDA error or wrong result.
 Launch prepare(const Case& c, const std::string& name) {
   Gpu& g = gpu();
@@ -276,12 +349,6 @@ Launch prepare(const Case& c, const std::string& name) {
     throw std::runtime_error("WRONG RESULT: " + std::to_string(unwritten) + " output elements were never written");
   const std::string diff = check_against_reference(c, d);
   if (!diff.empty()) throw std::runtime_error("WRONG RESULT: " + diff);
-
-  constexpr int kWarmupCalls = 2;
-  for (int i = 0; i < kWarmupCalls; ++i) {
-    float ms = 0;
-    cuda_ok(time_call(c.dtype, l, &ms), "warm-up");
-  }
   return l;
 }
 
@@ -291,7 +358,8 @@ void fail(benchmark::State& state, const std::string& name, const std::string& w
   state.SkipWithError(why.c_str());
 }
 
-double median(std::vector<float> v) {
+template <class E>
+double median(std::vector<E> v) {
   std::sort(v.begin(), v.end());
   const std::size_t m = v.size() / 2;
   return v.size() % 2 == 1 ? v[m] : 0.5 * (static_cast<double>(v[m - 1]) + v[m]);
@@ -299,32 +367,49 @@ double median(std::vector<float> v) {
 
 void run_case(benchmark::State& state, const Case& c) {
   const std::string name = to_string(c);
+  const Bytes bytes = bytes_of(c);
   Launch l;
+  Replay replay;
   try {
     l = prepare(c, name);
+    cuda_ok(replay.capture(calls_per_replay(bytes.counted), [&] { return launch(c.dtype, l); }), "graph capture");
+    double t = 0;
+    cuda_ok(replay.time(/*cold=*/true, &t), "warm-up");
+    cuda_ok(replay.time(/*cold=*/false, &t), "warm-up");
   } catch (const std::exception& e) {
     fail(state, name, e.what());
     return;
   }
 
-  std::vector<float> ms;
-  ms.reserve(static_cast<std::size_t>(state.max_iterations));
+  // One cold replay per Google Benchmark iteration, then as many hot ones.
+  std::vector<double> cold, hot;
+  cold.reserve(static_cast<std::size_t>(state.max_iterations));
   for (auto _ : state) {
-    float t = 0;
-    const cudaError_t err = time_call(c.dtype, l, &t);
+    double t = 0;
+    const cudaError_t err = replay.time(/*cold=*/true, &t);
     if (err != cudaSuccess) {
-      fail(state, name, std::string("timed call: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+      fail(state, name, std::string("timed replay: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
       break;
     }
     state.SetIterationTime(t * 1e-3);
-    ms.push_back(t);
+    cold.push_back(t);
   }
-  if (ms.empty() || static_cast<benchmark::IterationCount>(ms.size()) < state.max_iterations) return;
+  if (cold.empty() || static_cast<benchmark::IterationCount>(cold.size()) < state.max_iterations) return;
+  for (std::size_t i = 0; i < cold.size(); ++i) {
+    double t = 0;
+    const cudaError_t err = replay.time(/*cold=*/false, &t);
+    if (err != cudaSuccess) {
+      fail(state, name, std::string("timed replay: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+      return;
+    }
+    hot.push_back(t);
+  }
 
-  const double seconds = median(ms) * 1e-3;
-  const Bytes bytes = bytes_of(c);
-  Result r{c, seconds * 1e6, bytes.counted / seconds * 1e-9, 0};
+  const double seconds = median(cold) * 1e-3;
+  Result r{c, seconds * 1e6, median(hot) * 1e3, bytes.counted / seconds * 1e-9, 0};
   state.counters["median_us"] = r.median_us;
+  state.counters["hot_us"] = r.hot_us;
+  state.counters["calls_per_replay"] = replay.calls();
   state.counters["bytes"] = bytes.counted;
   state.counters["GB/s"] = r.gbps;
   const double copy = gpu().copy_gbps;
@@ -351,6 +436,36 @@ void run_case(benchmark::State& state, const Case& c) {
 
 // --- which cases exist, and which run by default ----------------------------------------------
 
+/// Head dims engines use, and the (token, head) rows of one call: from a decode step (8 sequences
+/// of 8 KV heads) to a prefill of a million.
+constexpr std::int64_t kHeadDims[] = {64, 80, 96, 128, 256};
+constexpr std::int64_t kEngineRows[] = {64, 2048, 16384, 65536, 262144, 1048576};
+
+constexpr Scheme kPerTokenRows{Granularity::kPerToken, 0};
+constexpr Scheme kKeysPerChannel{Granularity::kPerChannel, 128};  // KIVI-style keys: groups of 128 tokens
+
+/// The engines' cases, all with Variant::kAuto: per-token quantize, quantize_with_scales and
+/// dequantize of rows one head wide; and [T, H, D] per head (8 KV heads) and [B, H, T, D], with
+/// keys per channel in groups of 128 tokens (each op) and values per token.
+std::vector<Case> engine_cases() {
+  std::vector<Case> cases;
+  constexpr Op kApplyOps[] = {Op::kQuantize, Op::kQuantizeWithScales, Op::kDequantize};
+  for (DType t : kDTypes) {
+    for (Op op : kApplyOps)
+      for (std::int64_t dim : kHeadDims)
+        for (std::int64_t rows : kEngineRows) cases.push_back(Case{op, t, kPerTokenRows, Variant::kAuto, rows_shape(rows, dim)});
+    const Shape views[] = {thd_shape(128, 8, 128),   thd_shape(32768, 8, 64), thd_shape(32768, 8, 128),
+                           thd_shape(32768, 8, 256), bhtd_shape(4, 8, 8192, 128)};
+    for (Shape shape : views) {
+      for (Op op : kApplyOps) cases.push_back(Case{op, t, kKeysPerChannel, Variant::kAuto, shape});
+      cases.push_back(Case{Op::kQuantize, t, kPerTokenRows, Variant::kAuto, shape});
+    }
+  }
+  return cases;
+}
+
+bool is_engine_shape(Shape s) { return s.layout != Layout::kMatrix; }
+
 std::vector<Case> all_cases() {
   std::vector<Case> cases;
   for (Shape shape : kPaperShapes)
@@ -358,19 +473,20 @@ std::vector<Case> all_cases() {
       for (Scheme scheme : kSchemes)
         for (DType t : kDTypes)
           for (Variant v : kVariants) cases.push_back(Case{op, t, scheme, v, shape});
+  for (const Case& c : engine_cases()) cases.push_back(c);
   return cases;
 }
 
 bool same_scheme(Scheme a, Granularity g, std::int64_t group) { return a.granularity == g && a.group == group; }
 
-/// A few minutes on the H200: every strategy at the headline size for the paper's path and for
-/// the schemes that compute scales, the paper's anchor rows, and the decode-sized case.
+/// A few minutes on the H200: every engine case; every strategy at the paper's headline size for
+/// the paper's path and for the schemes that compute scales, and the paper's anchor rows.
 bool in_default_workload(const Case& c) {
+  if (is_engine_shape(c.shape)) return true;
   const bool auto_only = c.variant == Variant::kAuto;
   const bool pc = same_scheme(c.scheme, Granularity::kPerChannel, 0);
   const bool pc128 = same_scheme(c.scheme, Granularity::kPerChannel, 128);
   const bool pt = same_scheme(c.scheme, Granularity::kPerToken, 0);
-  const bool given_or_dequant = c.op == Op::kQuantizeWithScales || c.op == Op::kDequantize;
   if (c.shape == kHeadline) {
     switch (c.op) {
       case Op::kQuantizeWithScales:
@@ -379,12 +495,6 @@ bool in_default_workload(const Case& c) {
       case Op::kComputeScales: return auto_only && c.dtype == DType::kHalf;
     }
   }
-  if (c.shape == kDecode)
-    return (given_or_dequant && pc && c.dtype == DType::kFloat) ||
-           (c.op == Op::kQuantize && pt && auto_only && c.dtype != DType::kBfloat16);
-  if (c.shape == Shape{262144, 128})
-    return (c.op == Op::kQuantizeWithScales && pc && c.dtype == DType::kFloat) ||
-           (c.op == Op::kQuantize && pt && auto_only && c.dtype == DType::kHalf);
   if (c.shape == Shape{131072, 1024}) return c.op == Op::kQuantizeWithScales && pc && c.dtype == DType::kFloat;
   return false;
 }
@@ -397,11 +507,12 @@ bool in_paper_workload(const Case& c) {
   return c.variant == Variant::kAuto && (c.op == Op::kQuantize || c.op == Op::kDequantize);
 }
 
+/// Replays timed cold (and as many hot) per case.
 benchmark::IterationCount iterations_for(const Case& c) {
   const std::int64_t n = c.elements();
-  if (n >= (std::int64_t{1} << 26)) return 20;   // >= 64 M elements: milliseconds each, steady
-  if (n >= (std::int64_t{1} << 22)) return 50;
-  return 200;                                    // microseconds each: more samples for the median
+  if (n >= (std::int64_t{1} << 26)) return 15;   // >= 64 M elements: milliseconds each, steady
+  if (n >= (std::int64_t{1} << 22)) return 30;
+  return 50;                                     // microseconds each: more samples for the median
 }
 
 void register_cases(bool (*wanted)(const Case&)) {
@@ -435,7 +546,7 @@ std::string format(const char* fmt, double v) {
 class TableReporter : public benchmark::BenchmarkReporter {
  public:
   bool ReportContext(const Context&) override {
-    std::printf("%-76s %10s %8s %7s %8s\n", "case", "median", "GB/s", "%copy", "xCPU");
+    std::printf("%-64s %10s %10s %8s %7s %8s\n", "case", "cold", "hot", "GB/s", "%copy", "xCPU");
     std::fflush(stdout);
     return true;
   }
@@ -447,11 +558,12 @@ class TableReporter : public benchmark::BenchmarkReporter {
       // The registered name: Google Benchmark appends /iterations:N/manual_time in its own output.
       const std::string& name = run.run_name.function_name;
       if (get("median_us") < 0) {
-        std::printf("%-76s FAILED (see the message above)\n", name.c_str());
+        std::printf("%-64s FAILED (see the message above)\n", name.c_str());
         continue;
       }
-      std::printf("%-76s %10s %8.0f %6.1f%% %8s", name.c_str(), format_time(get("median_us")).c_str(), get("GB/s"),
-                  get("%copy"), get("xCPU") < 0 ? "" : format("%.0fx", get("xCPU")).c_str());
+      std::printf("%-64s %10s %10s %8.0f %6.1f%% %8s", name.c_str(), format_time(get("median_us")).c_str(),
+                  format_time(get("hot_us")).c_str(), get("GB/s"), get("%copy"),
+                  get("xCPU") < 0 ? "" : format("%.0fx", get("xCPU")).c_str());
       if (get("GB/s_2reads") >= 0)
         std::printf("   reading x twice: %.0f GB/s, %.1f%% of copy", get("GB/s_2reads"), get("%copy_2reads"));
       std::printf("\n");
@@ -559,23 +671,38 @@ void print_paper_table() {
   }
 }
 
-/// Every auto case that ran, as a markdown table (the rows a results file quotes).
+/// Orders engine cases by layout, op, dtype, scheme, head dim, then size; the paper's after them.
+bool summary_order(const Result* a, const Result* b) {
+  auto key = [](const Case& c) {
+    return std::make_tuple(!is_engine_shape(c.shape), static_cast<int>(c.shape.layout), static_cast<int>(c.op),
+                           static_cast<int>(c.dtype), static_cast<int>(c.scheme.granularity), c.scheme.group,
+                           c.shape.channels, c.shape.batch, c.shape.heads, c.shape.tokens);
+  };
+  return key(a->c) < key(b->c);
+}
+
+/// Every auto case that ran, as a markdown table (the rows a results file quotes): the engines'
+/// shapes first, then the paper's.
 void print_auto_summary() {
-  bool header = false;
-  for (const auto& [name, r] : results()) {
-    if (r.c.variant != Variant::kAuto) continue;
-    if (!header) {
-      std::printf("\n## Summary: Variant::kAuto (copy = %.0f GB/s)\n\n", gpu().copy_gbps);
-      std::printf("| case | median | GB/s | %% of copy | %% of copy, input read twice | vs CPU |\n|---|---|---|---|---|---|\n");
-      header = true;
-    }
-    const Bytes b = bytes_of(r.c);
-    const double copy = gpu().copy_gbps;
-    const std::string twice =
-        r.c.reads_input_twice() && copy > 0 ? format("%.1f", 100.0 * b.moved / (r.median_us * 1e-6) * 1e-9 / copy) : "";
-    std::printf("| %s | %s | %.0f | %s | %s | %s |\n", name.c_str(), format_time(r.median_us).c_str(), r.gbps,
-                copy > 0 ? format("%.1f", 100.0 * r.gbps / copy).c_str() : "-", twice.c_str(),
-                r.cpu_s > 0 ? format("%.0fx", r.cpu_s / (r.median_us * 1e-6)).c_str() : "");
+  std::vector<const Result*> rows;
+  for (const auto& entry : results())
+    if (entry.second.c.variant == Variant::kAuto) rows.push_back(&entry.second);
+  if (rows.empty()) return;
+  std::sort(rows.begin(), rows.end(), summary_order);
+  const double copy = gpu().copy_gbps;
+  std::printf("\n## Summary: Variant::kAuto (copy = %.0f GB/s)\n\n", copy);
+  std::printf("Per call, inside CUDA graphs: cold = L2 flushed before each replay, hot = replays back to back.\n\n");
+  std::printf("| case | MB moved | cold | hot | GB/s (cold) | %% of copy | %% of copy, input read twice | vs CPU |\n"
+              "|---|---|---|---|---|---|---|---|\n");
+  for (const Result* r : rows) {
+    const Bytes b = bytes_of(r->c);
+    const std::string twice = r->c.reads_input_twice() && copy > 0
+                                  ? format("%.1f", 100.0 * b.moved / (r->median_us * 1e-6) * 1e-9 / copy)
+                                  : "";
+    std::printf("| %s | %s | %s | %s | %.0f | %s | %s | %s |\n", to_string(r->c).c_str(),
+                format(b.counted < 1e7 ? "%.3f" : "%.1f", b.counted * 1e-6).c_str(), format_time(r->median_us).c_str(),
+                format_time(r->hot_us).c_str(), r->gbps, copy > 0 ? format("%.1f", 100.0 * r->gbps / copy).c_str() : "-",
+                twice.c_str(), r->cpu_s > 0 ? format("%.0fx", r->cpu_s / (r->median_us * 1e-6)).c_str() : "");
   }
 }
 
@@ -608,26 +735,31 @@ double measure_copy_gbps() {
 
 __global__ void empty_kernel() {}
 
-/// The shortest time any case can report: the L2 flush, then an empty kernel between the two events
-/// (launch and event overheads). Decode-sized calls are read against it.
-double measure_floor_us() {
-  Gpu& g = gpu();
-  constexpr int kRuns = 20;
-  const auto words = static_cast<std::int64_t>(g.flush_bytes / sizeof(uint4));
-  std::vector<float> ms;
-  for (int i = 0; i < kRuns + 2; ++i) {  // the first two are warm-up
-    read_flush_kernel<<<helper_blocks(words), kHelperThreads, 0, g.stream>>>(static_cast<const uint4*>(g.flush), words,
-                                                                             reinterpret_cast<unsigned*>(g.counter));
-    cuda_ok(cudaEventRecord(g.start, g.stream), "cudaEventRecord");
-    empty_kernel<<<1, 1, 0, g.stream>>>();
-    cuda_ok(cudaPeekAtLastError(), "empty kernel launch");
-    cuda_ok(cudaEventRecord(g.stop, g.stream), "cudaEventRecord");
-    cuda_ok(cudaEventSynchronize(g.stop), "cudaEventSynchronize");
-    float t = 0;
-    cuda_ok(cudaEventElapsedTime(&t, g.start, g.stop), "cudaEventElapsedTime");
-    if (i >= 2) ms.push_back(t);
+/// The shortest time any case can report, per call: an empty kernel timed as every case is (graphs
+/// of kMaxCallsPerReplay launches, replayed cold and hot). Decode-sized calls are read against it.
+struct Floor {
+  double cold_us = 0, hot_us = 0;
+};
+Floor measure_floor() {
+  constexpr int kReplays = 20;
+  Replay replay;
+  cuda_ok(replay.capture(kMaxCallsPerReplay,
+                         [] {
+                           empty_kernel<<<1, 1, 0, gpu().stream>>>();
+                           return cudaPeekAtLastError();
+                         }),
+          "graph capture (floor)");
+  Floor f;
+  for (bool cold : {true, false}) {
+    std::vector<double> ms;
+    for (int i = 0; i < kReplays + 2; ++i) {  // the first two are warm-up
+      double t = 0;
+      cuda_ok(replay.time(cold, &t), "timed replay (floor)");
+      if (i >= 2) ms.push_back(t);
+    }
+    (cold ? f.cold_us : f.hot_us) = median(ms) * 1e3;
   }
-  return median(ms) * 1e3;
+  return f;
 }
 
 /// Stream, events, L2 flush buffer, copy bandwidth; prints what the numbers will be measured on.
@@ -648,26 +780,31 @@ void start_up() {
   cuda_ok(cudaMalloc(&g.flush, g.flush_bytes), "cudaMalloc (L2 flush buffer)");
   cuda_ok(cudaMemsetAsync(g.flush, 0, g.flush_bytes, g.stream), "cudaMemsetAsync");
   g.copy_gbps = measure_copy_gbps();
-  const double floor_us = measure_floor_us();
+  const Floor floor = measure_floor();
 
   std::printf("kvq_bench on %s (sm_%d%d, %d SMs, %.0f GB, L2 %d MB), driver %d.%d, runtime %d.%d\n", prop.name,
               prop.major, prop.minor, prop.multiProcessorCount, static_cast<double>(prop.totalGlobalMem) * 1e-9,
               prop.l2CacheSize >> 20, driver / 1000, driver % 1000 / 10, runtime / 1000, runtime % 1000 / 10);
   std::printf("device-to-device copy: %.0f GB/s (2 GiB, bytes read + written, median of 20) = 100%% copy\n",
               g.copy_gbps);
-  std::printf("floor: %.2f us for an empty kernel timed the same way (L2 flush, event, launch, event; median of 20)\n",
-              floor_us);
-  std::printf("timing: CUDA events per call, L2 flushed before each (a %zu MB read), median after warm-up;\n"
-              "GB/s: decimal, input read + output written + fp32 scales, each once; xCPU: kvq::reference on %d "
-              "threads\n\n",
-              g.flush_bytes >> 20, cpu_threads());
+  std::printf("floor: %.2f us cold, %.2f us hot per call for an empty kernel timed as every case is\n", floor.cold_us,
+              floor.hot_us);
+  std::printf("timing: each case captured %d times back to back into a CUDA graph (fewer above %.0f MB a call),\n"
+              "replays timed with events: cold = L2 flushed before each replay (a %zu MB read), hot = back to back;\n"
+              "medians after warm-up, per call. GB/s (at the cold time): decimal, input read + output written +\n"
+              "fp32 scales, each once; xCPU: kvq::reference on %d threads\n\n",
+              kMaxCallsPerReplay, kReplayBytes / kMaxCallsPerReplay * 1e-6, g.flush_bytes >> 20, cpu_threads());
   benchmark::AddCustomContext("gpu", prop.name);
   benchmark::AddCustomContext("copy_GBps", format("%.1f", g.copy_gbps));
-  benchmark::AddCustomContext("floor_us", format("%.2f", floor_us));
+  benchmark::AddCustomContext("floor_us", format("%.2f", floor.cold_us));
+  benchmark::AddCustomContext("floor_hot_us", format("%.2f", floor.hot_us));
   benchmark::AddCustomContext("l2_bytes", std::to_string(prop.l2CacheSize));
   benchmark::AddCustomContext("l2_flush_bytes", std::to_string(g.flush_bytes));
   benchmark::AddCustomContext("cpu_reference_threads", std::to_string(cpu_threads()));
-  benchmark::AddCustomContext("time_counter", "median_us (the time column is Google Benchmark's mean)");
+  benchmark::AddCustomContext(
+      "time_counter",
+      "median_us: cold (L2 flushed before each graph replay), hot_us: replays back to back; per call, a replay "
+      "being calls_per_replay calls (the time column is Google Benchmark's mean of the cold replays)");
 }
 
 bool has_prefix(const char* arg, const char* prefix) { return std::strncmp(arg, prefix, std::strlen(prefix)) == 0; }

@@ -52,7 +52,8 @@ def load_torch(path):
     with open(path) as f:
         data = json.load(f)
     for r in data.get("rows", []):
-        if r.get("dtype") != "float" or not r.get("compile_us") or not r.get("bytes"):
+        if r.get("dtype") != "float" or r.get("layout", "matrix") != "matrix" or not r.get("compile_us") \
+                or not r.get("bytes"):
             continue
         t, d = r["tokens"], r["channels"]
         out.setdefault(r["op"], {})[(t, d)] = (t * d * 4 / 1e6, r["bytes"] / (r["compile_us"] * 1e-6) / 1e9)

@@ -65,13 +65,14 @@ inline std::int64_t pow2_ceil(std::int64_t x) {
   return p;
 }
 
-/// Per-channel groups longer than this many tokens take the two-pass path even when grouped.
+/// Per-channel groups longer than this many tokens take the two-pass path.
 constexpr std::int64_t kMaxOnePassGroupTokens = 1024;
 
-/// True when per-channel scales of this spec need the two-pass path (a grid-wide amax first).
+/// True when per-channel scales of this spec need the two-pass path (a grid-wide amax first): groups
+/// longer than one block stages, whole sequences of more than kMaxOnePassGroupTokens included. A
+/// shorter whole sequence (a page of keys, a decode-sized view) is one group, done in one pass.
 inline bool per_channel_two_pass(const KvView& v, const QuantSpec& s) {
-  return s.granularity == Granularity::kPerChannel &&
-         (s.group == 0 || s.group >= v.tokens || s.group > kMaxOnePassGroupTokens);
+  return s.granularity == Granularity::kPerChannel && group_length(v.tokens, s.group) > kMaxOnePassGroupTokens;
 }
 
 /// Plans the tiles of `view` for a kernel of `threads * items` units per chunk, vector width V,

@@ -9,6 +9,7 @@
 // (Variant::kAuto) for every operation.
 #pragma once
 
+#include <kvq/detail/row_kernels.cuh>
 #include <kvq/detail/tile_kernels.cuh>
 #include <kvq/detail/vector_kernels.cuh>
 
@@ -19,10 +20,11 @@ namespace kvq {
 namespace detail {
 inline namespace v0_1 {
 
-// Chosen on the H200 (bench/results/h200-2026-11-28.md): 256 threads, 4 units of 16 B per thread and
-// a cap of 85 registers (3 blocks per SM) gave fp32 quantize_with_scales 3.83 TB/s (90% of a device
-// copy) with the tile kernels. 8 units per thread spilled and was slower; persistent blocks with a
-// register prefetch of the next tile were slower than one block per tile.
+// Chosen on the H200 (bench/results/h200-2026-11-28.md, in git at db59eb8): 256 threads, 4 units
+// of 16 B per thread and a cap of 85 registers (3 blocks per SM) gave fp32 quantize_with_scales
+// 3.83 TB/s (90% of a device copy) with the tile kernels. 8 units per thread spilled and was
+// slower; persistent blocks with a register prefetch of the next tile were slower than one block
+// per tile.
 struct VectorizedPolicy {
   static constexpr int kThreads = 256;
   static constexpr int kMinBlocksPerSM = 3;  // caps registers at 85 so 3 blocks (24 warps) fit
@@ -47,7 +49,8 @@ struct WholeVectorPolicy {
   // 16). Per-channel dequantize, one pass of 4 rows with 6 blocks per SM: fp32 / fp16 1335 / 783 us
   // at 2 passes and 4 blocks, 1303 / 777 us now (821 us for fp16 at 4 blocks); 131072 x 1024 174 /
   // 105 -> 170 / 103 us. Per-token dequantize (a scale per row) kept 2 passes at 4 blocks: fp16
-  // 800 us, against 835 us at one pass and 6 blocks (experiments_2026-11-29c.txt, sections 3-4).
+  // 800 us, against 835 us at one pass and 6 blocks (bench/results/h200/experiments_2026-11-29c.txt
+  // at db59eb8, sections 3-4).
   static constexpr int kApplyPasses = 4;
   static constexpr int kApplyPasses16BitQuantize = 16;
   static constexpr int kApplyPassesDequantize = 1;
@@ -55,13 +58,13 @@ struct WholeVectorPolicy {
   // vector_apply_kernel: tiles to keep at least while adding passes, about two waves of 4
   // blocks on each of the H200's 132 SMs. 4096 kept tiles short on mid-sized views (H200, L2
   // flushed: fp16 quantize_with_scales 131072 x 256 and 262144 x 128 42.0 / 41.7 -> 34.8 / 34.9 us,
-  // fp32 65536 x 256 32.0 -> 29.1 us; experiments_2026-11-29c.txt).
+  // fp32 65536 x 256 32.0 -> 29.1 us; experiments_2026-11-29c.txt at db59eb8).
   static constexpr std::int64_t kApplyTargetTiles = 1024;
   // channel_scales_kernel<kAtomicAmax> (the whole-sequence amax pass): tiles to aim for, and passes
   // of kItems rows per tile at most. About one wave, so no tile waits for a second one, with taller
   // tiles and fewer atomics than apply's. 2048 tiles were slower (H200, 131072 x 8192: fp16 / bf16
   // 550 -> 493 / 492 us, fp32 962 -> 957 us; 4 x 32768 x 1024 fp16 / fp32 94 -> 73 / 212 -> 134 us,
-  // 262144 x 128 fp16 34.4 -> 26.3 us; bench/results/h200/experiments_2026-11-29b.txt).
+  // 262144 x 128 fp16 34.4 -> 26.3 us; bench/results/h200/experiments_2026-11-29b.txt at db59eb8).
   static constexpr std::int64_t kAmaxTargetTiles = 512;
   static constexpr int kAmaxMaxPasses = 256;
   static constexpr int kTokenItems = 8;      // token_scales_kernel: units held per thread,
@@ -71,6 +74,18 @@ struct WholeVectorPolicy {
   // quantize fp32 / fp16 / bf16 at 77.8 / 82.6 / 77.1% of copy, against 90.7 / 92.2 / 92.8% now),
   // and 32 rows (1 KiB, 128 KiB staged) left one block per SM (52-66% in a probe).
   static constexpr int kChannelRowItems = 16;
+};
+
+/// The per-token kernels of rows one head wide (row_kernels.cuh).
+struct RowPolicy {
+  static constexpr int kThreads = 256;
+  static constexpr int kMinBlocksPerSM = 4;    // caps registers at 64: none spills (4 units of
+                                                // 16-bit quantize take 55-60; dequantize 32 or fewer)
+  static constexpr int kMaxUnitsPerThread = 4;  // 64 bytes of input in flight per thread
+  static constexpr int kMaxRowUnits = 64;       // rows of at most 512 fp16 / 256 fp32 channels
+  // plan_rows gives each thread fewer units while the grid would have fewer threads than this:
+  // about what an H200 holds at once (132 SMs x 2048).
+  static constexpr std::int64_t kTargetThreads = std::int64_t{1} << 18;
 };
 
 /// Lets `kernel` take up to `bytes` of dynamic shared memory on the current device (past the
@@ -111,9 +126,44 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
     return check_launch();
   }
 
+  /// Rows one head wide with one scale each: the row kernels, when plan_rows takes the view.
+  template <class T>
+  static bool row_view(const KvView& view, const QuantSpec& spec, const void* t_ptr, const void* q_ptr, RowPlan& p) {
+    return spec.granularity == Granularity::kPerToken && group_length(view.channels, spec.group) == view.channels &&
+           whole_vector<T>(view, t_ptr, q_ptr) && plan_rows<RowPolicy>(view, kWidth<T>, p);
+  }
+
+  static unsigned row_blocks(const RowPlan& p) {
+    return static_cast<unsigned>(ceil_div<std::int64_t>(p.threads(), RowPolicy::kThreads));
+  }
+
+  template <int kUnits, class T>
+  static cudaError_t launch_row_scales(const T* x, const RowPlan& p, float* scales, std::int8_t* q,
+                                       unsigned long long* nonfinite, cudaStream_t stream) {
+    row_scales_kernel<RowPolicy, kWidth<T>, kUnits><<<row_blocks(p), RowPolicy::kThreads, 0, stream>>>(x, p, scales, q,
+                                                                                                    nonfinite);
+    return check_launch();
+  }
+
+  template <class T, int kUnits, class In, class Out>
+  static cudaError_t launch_row_apply(const In* in, const float* scales, const RowPlan& p, Out* out,
+                                      unsigned long long* nonfinite, cudaStream_t stream) {
+    row_apply_kernel<RowPolicy, kWidth<T>, kUnits><<<row_blocks(p), RowPolicy::kThreads, 0, stream>>>(in, scales, p, out,
+                                                                                                   nonfinite);
+    return check_launch();
+  }
+
   template <class T>
   static cudaError_t scales(const T* x, const KvView& view, const QuantSpec& spec, TileMode mode, float* scales,
                             std::int8_t* q, cudaStream_t stream) {
+    RowPlan rp{};
+    if (mode == TileMode::kScales &&
+        row_view<T>(view, spec, x, q != nullptr ? static_cast<const void*>(q) : static_cast<const void*>(x), rp)) {
+      unsigned long long* counter = spec.nonfinite_count;
+      if (rp.units_per_thread == 4) return launch_row_scales<4>(x, rp, scales, q, counter, stream);
+      if (rp.units_per_thread == 2) return launch_row_scales<2>(x, rp, scales, q, counter, stream);
+      return launch_row_scales<1>(x, rp, scales, q, counter, stream);
+    }
     if (mode == TileMode::kScales && spec.granularity == Granularity::kPerToken &&
         whole_vector<T>(view, x, q != nullptr ? static_cast<const void*>(q) : static_cast<const void*>(x))) {
       bool fits = false;
@@ -158,6 +208,13 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
     const void* q_ptr = kDequantize ? static_cast<const void*>(in) : static_cast<const void*>(out);
     constexpr int V = kWidth<T>;
     const bool per_token = spec.granularity == Granularity::kPerToken;
+    unsigned long long* counter = kDequantize ? nullptr : spec.nonfinite_count;
+    RowPlan rp{};
+    if (row_view<T>(view, spec, t_ptr, q_ptr, rp)) {
+      if (rp.units_per_thread == 4) return launch_row_apply<T, 4>(in, scales, rp, out, counter, stream);
+      if (rp.units_per_thread == 2) return launch_row_apply<T, 2>(in, scales, rp, out, counter, stream);
+      return launch_row_apply<T, 1>(in, scales, rp, out, counter, stream);
+    }
     // Per-token, every unit must lie in one group.
     if (whole_vector<T>(view, t_ptr, q_ptr) && (!per_token || group_length(view.channels, spec.group) % V == 0)) {
       const int max_passes = kDequantize     ? (per_token ? Policy::kApplyPassesDequantizePerToken
@@ -166,7 +223,6 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
                                               : Policy::kApplyPasses;
       const VectorPlan p =
           plan_vector_apply(view, spec, Policy::kThreads, Policy::kItems, V, max_passes, Policy::kApplyTargetTiles);
-      unsigned long long* counter = kDequantize ? nullptr : spec.nonfinite_count;
       if (per_token)
         vector_apply_kernel<Policy, V, true><<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
       else
