@@ -2,7 +2,8 @@
 //
 //   kvq_probe_rows            per-token quantize, quantize_with_scales and dequantize of rows one
 //                             head wide (D 64, 128, 256; 2048 to 1M rows; fp32, fp16, bf16), with
-//                             the row kernels at every units-per-thread and two block sizes forced,
+//                             the row kernels at every units-per-thread and two block sizes forced
+//                             (about 3 minutes on an H200; `kvq_probe_rows 64` runs one head dim),
 //                             and the whole-vector kernels they replaced (token_scales_kernel,
 //                             vector_apply_kernel), each timed as kvq_bench times a case (a CUDA graph
 //                             of 20 calls, cold and hot) and its output compared byte for byte with
@@ -25,18 +26,18 @@
 #include <vector>
 
 namespace kvq_probe {
-/// RowPolicy with blocks of 128 threads (outside the anonymous namespace: the kernels it
+/// RowPolicy with blocks of 256 threads (outside the anonymous namespace: the kernels it
 /// instantiates have external linkage).
-struct Rows128 : kvq::detail::RowPolicy {
-  static constexpr int kThreads = 128;
-  static constexpr int kMinBlocksPerSM = 8;
+struct Rows256 : kvq::detail::RowPolicy {
+  static constexpr int kThreads = 256;
+  static constexpr int kMinBlocksPerSM = 4;
 };
 }  // namespace kvq_probe
 
 namespace {
 
 using namespace kvq::detail;
-using kvq_probe::Rows128;
+using kvq_probe::Rows256;
 
 void ok(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -152,7 +153,7 @@ void row_configs(const char* tag, const T* x, const kvq::KvView& view, std::int8
                  const std::int8_t* q_ref, const float* s_ref, const T* y_ref, double qbytes, double dbytes) {
   constexpr int V = 16 / sizeof(T);
   RowPlan p{};
-  if (!plan_rows<RowPolicy>(view, V, p) || !force_units(p, U)) return;
+  if (!plan_rows<RowPolicy>(view, V, RowOp::kScales, p) || !force_units(p, U)) return;
   const unsigned blocks = static_cast<unsigned>(ceil_div<std::int64_t>(p.threads(), Policy::kThreads));
   const std::int64_t n = view.size(), rows = p.rows;
   const std::string config = std::string(tag) + " U" + std::to_string(U) + " L" + std::to_string(1 << p.lanes_log2);
@@ -247,12 +248,12 @@ void sweep(std::int64_t rows, std::int64_t dim) {
   ok(cudaStreamSynchronize(g.stream), "reference run");
   const double qbytes = n * (sizeof(T) + 1.0) + rows * 4.0, dbytes = qbytes;
   replaced_kernels(x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
-  row_configs<RowPolicy, 1>("rows256", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
-  row_configs<RowPolicy, 2>("rows256", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
-  row_configs<RowPolicy, 4>("rows256", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
-  row_configs<Rows128, 1>("rows128", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
-  row_configs<Rows128, 2>("rows128", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
-  row_configs<Rows128, 4>("rows128", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
+  row_configs<RowPolicy, 1>("rows128", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
+  row_configs<RowPolicy, 2>("rows128", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
+  row_configs<RowPolicy, 4>("rows128", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
+  row_configs<Rows256, 1>("rows256", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
+  row_configs<Rows256, 2>("rows256", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
+  row_configs<Rows256, 4>("rows256", x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);
   for (void* p : {static_cast<void*>(x), static_cast<void*>(y), static_cast<void*>(y_ref), static_cast<void*>(q),
                   static_cast<void*>(q_ref), static_cast<void*>(s), static_cast<void*>(s_ref)})
     ok(cudaFree(p), "free");
@@ -282,7 +283,7 @@ double copy_gbps() {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("kvq_probe_rows: no usable CUDA GPU\n");
@@ -298,13 +299,16 @@ int main() {
   g.flush_words = static_cast<std::int64_t>(flush_bytes / sizeof(uint4));
   g.copy_gbps = copy_gbps();
   std::printf("kvq_probe_rows: copy %.0f GB/s; per call in graphs of 20, cold / hot, medians of 30\n", g.copy_gbps);
-  for (std::int64_t dim : {64, 128, 256})
+  const std::int64_t only_dim = argc > 1 ? std::atoll(argv[1]) : 0;
+  for (std::int64_t dim : {64, 128, 256}) {
+    if (only_dim != 0 && dim != only_dim) continue;
     for (std::int64_t rows : {2048, 16384, 65536, 262144, 1048576}) {
       sweep<float>(rows, dim);
       sweep<__half>(rows, dim);
       sweep<__nv_bfloat16>(rows, dim);
       std::fflush(stdout);
     }
+  }
   if (failures != 0) std::printf("kvq_probe_rows: %d configurations gave different output\n", failures);
   return failures == 0 ? 0 : 1;
 }

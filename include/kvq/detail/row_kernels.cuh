@@ -30,6 +30,13 @@ namespace kvq {
 namespace detail {
 inline namespace v0_1 {
 
+/// What a row kernel does with a row: its plan depends on it (plan_rows).
+enum class RowOp {
+  kScales,  ///< scales from the row (and codes under them): row_scales_kernel
+  kCodes,   ///< codes under a given scale: row_apply_kernel
+  kValues,  ///< values of codes: row_apply_kernel
+};
+
 /// How the rows of a view are shared among threads: 2^lanes_log2 threads per row, each holding
 /// units lane + j * lanes (j < units_per_thread) of it.
 struct RowPlan {
@@ -38,33 +45,38 @@ struct RowPlan {
   int units;             // units per row: channels / V
   int lanes_log2;        // threads per row, a power of two <= 32
   int units_per_thread;  // the kernel's kUnits: 1, 2 or 4
-  FastDivmod token_div;  // flattened row -> (batch, token)
+  bool flat;             // row r starts at r * token_stride (one batch, or batches back to back)
+  FastDivmod token_div;  // flattened row -> (batch, token), where not flat
 
   std::int64_t threads() const { return rows << lanes_log2; }
 
   __device__ std::int64_t row_offset(std::uint32_t r) const {
+    if (flat) return static_cast<std::int64_t>(r) * token_stride;
     std::uint32_t b, t;
     token_div.divmod(r, b, t);
     return static_cast<std::int64_t>(b) * batch_stride + static_cast<std::int64_t>(t) * token_stride;
   }
 };
 
-/// Plans `view` (whole-vector at width V, one group per row) for the row kernels of Policy; false
-/// when its rows are too wide for them. Takes the most units per thread (fewer threads, less
-/// per-row work per element) that still leaves Policy::kTargetThreads threads; a call too small
-/// for that takes the fewest units per thread that fit a row in one warp, so that every thread's
-/// work is as short as it can be.
+/// Plans `view` (whole-vector at width V, one group per row) for `op` on the row kernels of Policy;
+/// false when its rows are too wide for them. Takes the most units per thread (less per-row work
+/// per element) that keeps at least Policy::min_lanes(op, V) threads on a row (a warp's access to
+/// one unit index then covers enough contiguous bytes of each row) and leaves
+/// Policy::kTargetThreads threads; a call too small for that takes fewer units per thread (more
+/// threads, each with less to do), down to one, or to what fits a row in a warp.
 template <class Policy>
-inline bool plan_rows(const KvView& view, int V, RowPlan& p) {
+inline bool plan_rows(const KvView& view, int V, RowOp op, RowPlan& p) {
   const std::int64_t units = view.channels / V;
   const std::int64_t rows = view.batch * view.tokens;
   if (units > Policy::kMaxRowUnits || rows > INT32_MAX) return false;
   int chosen = 0;
-  for (int u = Policy::kMaxUnitsPerThread; u >= 1; u /= 2) {
+  for (int u = Policy::max_units(op); u >= 1; u /= 2) {
     const std::int64_t lanes = pow2_ceil(ceil_div<std::int64_t>(units, u));
     if (lanes > kWarpSize) break;  // fewer units per thread would need more than a warp per row
     chosen = u;
-    if (rows * lanes >= Policy::kTargetThreads) break;
+    if (lanes >= std::min<std::int64_t>(Policy::min_lanes(op, V), pow2_ceil(units)) &&
+        rows * lanes >= Policy::kTargetThreads)
+      break;
   }
   if (chosen == 0) return false;
   p.rows = rows;
@@ -73,6 +85,7 @@ inline bool plan_rows(const KvView& view, int V, RowPlan& p) {
   p.units = static_cast<int>(units);
   p.units_per_thread = chosen;
   p.lanes_log2 = log2_exact(pow2_ceil(ceil_div<std::int64_t>(units, chosen)));
+  p.flat = view.batch == 1 || view.batch_stride == view.tokens * view.token_stride;
   p.token_div = FastDivmod(static_cast<std::uint32_t>(view.tokens));
   return true;
 }
@@ -81,12 +94,15 @@ inline bool plan_rows(const KvView& view, int V, RowPlan& p) {
 struct RowThread {
   std::uint32_t row;
   int lane, lanes;
-  bool valid;  // row < rows: threads past the last row still take part in the row reductions
+  unsigned row_mask;  // the lanes of this warp that share the row
+  bool valid;         // row < rows: threads past the last row still take part in the row reductions
 
   __device__ explicit RowThread(const RowPlan& p) {
     const std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     lanes = 1 << p.lanes_log2;
     lane = static_cast<int>(t & (lanes - 1));
+    const int warp_lane = static_cast<int>(threadIdx.x) % kWarpSize;  // blocks are whole warps
+    row_mask = (lanes == kWarpSize ? kFullMask : (1u << lanes) - 1) << (warp_lane - lane);
     const std::int64_t r = t >> p.lanes_log2;
     valid = r < p.rows;
     row = static_cast<std::uint32_t>(valid ? r : 0);
@@ -128,8 +144,9 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     for (int j = 0; j < kUnits; ++j)
       if (t.owns(j, p)) m = max(m, device::amax_bits(device::unpack<T, V>(v[j]), bad));
   }
-  // Across the row's lanes: bits of non-negative floats order as the floats do.
-  for (int off = 1; off < t.lanes; off <<= 1) m = max(m, __shfl_xor_sync(kFullMask, m, off));
+  // Across the row's lanes (one redux per row on sm_80 and later): bits of non-negative floats
+  // order as the floats do.
+  m = device::warp_max_bits(m, t.row_mask);
   const float amax = bits_to_float(m), scale = scale_from_amax(amax);
   if (t.valid && t.lane == 0) scales[t.row] = scale;
 

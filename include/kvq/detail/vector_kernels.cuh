@@ -77,10 +77,12 @@ inline int log2_exact(std::int64_t pow2) {
 
 /// Plan for vector_apply_kernel: a thread walks `items` rows at a time, up to `max_passes` times per
 /// tile while the grid keeps at least `target_tiles` tiles (more rows per tile amortize reading and
-/// inverting per-channel scales; fewer tiles leave SMs idle). The defaults plan one pass, for the
-/// plans below that set their own tile height.
+/// inverting per-channel scales; fewer tiles leave SMs idle). A view with fewer than `min_tiles`
+/// tiles of one pass gets shorter tiles, down to one row per thread: a decode-sized call then
+/// spreads over more SMs, and each thread's chain of loads and arithmetic is short. The defaults
+/// plan one pass, for the plans below that set their own tile height.
 inline VectorPlan plan_vector_apply(const KvView& view, const QuantSpec& spec, int threads, int items, int V,
-                                    int max_passes = 1, std::int64_t target_tiles = 1) {
+                                    int max_passes = 1, std::int64_t target_tiles = 1, std::int64_t min_tiles = 0) {
   VectorPlan p{};
   p.rows = view.batch * view.tokens;
   p.tokens = view.tokens;
@@ -101,13 +103,17 @@ inline VectorPlan plan_vector_apply(const KvView& view, const QuantSpec& spec, i
   const std::int64_t passes =
       std::clamp<std::int64_t>(p.rows * p.col_tiles / (rows_per_pass * target_tiles), 1, max_passes);
   p.rows_per_tile = rows_per_pass * passes;
-  if (per_token) {
-    p.sub_tiles = 1;
-    p.tiles = p.col_tiles * ceil_div(p.rows, p.rows_per_tile);
-  } else {  // tiles never cross a token group, so each reads one row of scales
+  if (!per_token)  // tiles never cross a token group, so each reads one row of scales
     p.rows_per_tile = std::min(p.rows_per_tile, ceil_div(p.group, rows_per_pass) * rows_per_pass);
-    p.sub_tiles = ceil_div(p.group, p.rows_per_tile);
-    p.tiles = p.col_tiles * view.batch * p.groups * p.sub_tiles;
+  auto count_tiles = [&] {
+    p.sub_tiles = per_token ? 1 : ceil_div(p.group, p.rows_per_tile);
+    p.tiles = per_token ? p.col_tiles * ceil_div(p.rows, p.rows_per_tile) : p.col_tiles * view.batch * p.groups * p.sub_tiles;
+  };
+  count_tiles();
+  const std::int64_t row_lanes = threads / lanes;
+  while (p.tiles < min_tiles && p.rows_per_tile > row_lanes) {
+    p.rows_per_tile = std::max(row_lanes, p.rows_per_tile / 2);
+    count_tiles();
   }
   p.seg_log2 = 0;
   p.token_div = FastDivmod(static_cast<std::uint32_t>(view.tokens));
@@ -179,8 +185,13 @@ inline VectorPlan plan_channel_scales(const KvView& view, const QuantSpec& spec,
     const std::int64_t row_lanes = pow2_ceil(ceil_div<std::int64_t>(p.group, row_items));
     ok = row_lanes <= threads;
     // No wider than the row: a narrow view (fp16 x 128 channels: 16 units) takes more row lanes
-    // and fewer rows per thread, rather than leave lanes idle.
-    const std::int64_t lanes = std::min(std::max<std::int64_t>(1, threads / row_lanes), pow2_ceil(p.units));
+    // and fewer rows per thread, rather than leave lanes idle. A view of fewer than
+    // Policy::kMinTiles tiles takes narrower ones still, while a group has rows for every row lane
+    // (a decode-sized call: more blocks, fewer rows per thread).
+    std::int64_t lanes = std::min(std::max<std::int64_t>(1, threads / row_lanes), pow2_ceil(p.units));
+    while (lanes > 1 && ceil_div<std::int64_t>(p.units, lanes) * view.batch * p.groups < Policy::kMinTiles &&
+           2 * threads / lanes <= p.group)
+      lanes /= 2;
     p.lanes_log2 = log2_exact(lanes);
     p.col_tiles = ceil_div<std::int64_t>(p.units, lanes);
     p.rows_per_tile = p.group;

@@ -60,6 +60,10 @@ struct WholeVectorPolicy {
   // flushed: fp16 quantize_with_scales 131072 x 256 and 262144 x 128 42.0 / 41.7 -> 34.8 / 34.9 us,
   // fp32 65536 x 256 32.0 -> 29.1 us; experiments_2026-11-29c.txt at db59eb8).
   static constexpr std::int64_t kApplyTargetTiles = 1024;
+  // vector_apply_kernel and channel_scales_kernel<kScales>: views of fewer tiles than this (two
+  // blocks per SM of an H200) get shorter or narrower ones, down to one row per thread
+  // (plan_vector_apply, plan_channel_scales).
+  static constexpr std::int64_t kMinTiles = 264;
   // channel_scales_kernel<kAtomicAmax> (the whole-sequence amax pass): tiles to aim for, and passes
   // of kItems rows per tile at most. About one wave, so no tile waits for a second one, with taller
   // tiles and fewer atomics than apply's. 2048 tiles were slower (H200, 131072 x 8192: fp16 / bf16
@@ -76,16 +80,28 @@ struct WholeVectorPolicy {
   static constexpr int kChannelRowItems = 16;
 };
 
-/// The per-token kernels of rows one head wide (row_kernels.cuh).
+/// The per-token kernels of rows one head wide (row_kernels.cuh). Chosen on the H200 with
+/// kvq_probe_rows (bench/results/h200.md): rows of 64 and 128 channels, 2048 to 1M rows.
 struct RowPolicy {
-  static constexpr int kThreads = 256;
-  static constexpr int kMinBlocksPerSM = 4;    // caps registers at 64: none spills (4 units of
-                                                // 16-bit quantize take 55-60; dequantize 32 or fewer)
-  static constexpr int kMaxUnitsPerThread = 4;  // 64 bytes of input in flight per thread
-  static constexpr int kMaxRowUnits = 64;       // rows of at most 512 fp16 / 256 fp32 channels
+  // 128 threads were 0-3% faster than 256 on calls of 100 MB and more; 8 blocks cap registers at
+  // 64, where none spills (4 units of 16-bit quantize take 55-60, dequantize 32 or fewer).
+  static constexpr int kThreads = 128;
+  static constexpr int kMinBlocksPerSM = 8;
+  static constexpr int kMaxRowUnits = 64;  // rows of at most 512 fp16 / 256 fp32 channels
   // plan_rows gives each thread fewer units while the grid would have fewer threads than this:
-  // about what an H200 holds at once (132 SMs x 2048).
-  static constexpr std::int64_t kTargetThreads = std::int64_t{1} << 18;
+  // 2048 rows of 128 fp16 channels took 2.0 us at one unit per thread against 2.4 us at four;
+  // 16384 rows 3.5 us against 3.1 us.
+  static constexpr std::int64_t kTargetThreads = std::int64_t{1} << 16;
+
+  /// Units per thread at most. Values of codes: 2 (fp16 1M x 128 dequantize 100 us against 109 us
+  /// at 4: more lanes per row write longer runs); the quantizing kernels: 4 (fp16 1M x 128
+  /// quantize 98 us against 107 us at 2: the row's reduction and scale once per 32 elements).
+  static constexpr int max_units(RowOp op) { return op == RowOp::kValues ? 2 : 4; }
+  /// Lanes per row at least (for rows that wide): 4, so that one load instruction reads 64
+  /// contiguous bytes of each row it touches (fp16 1M x 64 quantize 55 us at 2 units and 4 lanes,
+  /// 59 us at 4 and 2); codes under given scales, as many as write a whole 32-byte sector of codes
+  /// per row (fp32: 8 lanes; fp32 1M x 64 80-82 us at 2 units and 8 lanes, 84-85 us at 4 and 4).
+  static constexpr int min_lanes(RowOp op, int V) { return op == RowOp::kCodes ? (32 / V > 4 ? 32 / V : 4) : 4; }
 };
 
 /// Lets `kernel` take up to `bytes` of dynamic shared memory on the current device (past the
@@ -128,9 +144,10 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
 
   /// Rows one head wide with one scale each: the row kernels, when plan_rows takes the view.
   template <class T>
-  static bool row_view(const KvView& view, const QuantSpec& spec, const void* t_ptr, const void* q_ptr, RowPlan& p) {
+  static bool row_view(const KvView& view, const QuantSpec& spec, const void* t_ptr, const void* q_ptr, RowOp op,
+                       RowPlan& p) {
     return spec.granularity == Granularity::kPerToken && group_length(view.channels, spec.group) == view.channels &&
-           whole_vector<T>(view, t_ptr, q_ptr) && plan_rows<RowPolicy>(view, kWidth<T>, p);
+           whole_vector<T>(view, t_ptr, q_ptr) && plan_rows<RowPolicy>(view, kWidth<T>, op, p);
   }
 
   static unsigned row_blocks(const RowPlan& p) {
@@ -158,7 +175,8 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
                             std::int8_t* q, cudaStream_t stream) {
     RowPlan rp{};
     if (mode == TileMode::kScales &&
-        row_view<T>(view, spec, x, q != nullptr ? static_cast<const void*>(q) : static_cast<const void*>(x), rp)) {
+        row_view<T>(view, spec, x, q != nullptr ? static_cast<const void*>(q) : static_cast<const void*>(x),
+                    RowOp::kScales, rp)) {
       unsigned long long* counter = spec.nonfinite_count;
       if (rp.units_per_thread == 4) return launch_row_scales<4>(x, rp, scales, q, counter, stream);
       if (rp.units_per_thread == 2) return launch_row_scales<2>(x, rp, scales, q, counter, stream);
@@ -210,8 +228,9 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
     const bool per_token = spec.granularity == Granularity::kPerToken;
     unsigned long long* counter = kDequantize ? nullptr : spec.nonfinite_count;
     RowPlan rp{};
-    if (row_view<T>(view, spec, t_ptr, q_ptr, rp)) {
-      if (rp.units_per_thread == 4) return launch_row_apply<T, 4>(in, scales, rp, out, counter, stream);
+    if (row_view<T>(view, spec, t_ptr, q_ptr, kDequantize ? RowOp::kValues : RowOp::kCodes, rp)) {
+      if constexpr (!kDequantize)  // dequantize plans 2 units per thread at most
+        if (rp.units_per_thread == 4) return launch_row_apply<T, 4>(in, scales, rp, out, counter, stream);
       if (rp.units_per_thread == 2) return launch_row_apply<T, 2>(in, scales, rp, out, counter, stream);
       return launch_row_apply<T, 1>(in, scales, rp, out, counter, stream);
     }
@@ -222,7 +241,8 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
                              : sizeof(T) == 2 ? Policy::kApplyPasses16BitQuantize
                                               : Policy::kApplyPasses;
       const VectorPlan p =
-          plan_vector_apply(view, spec, Policy::kThreads, Policy::kItems, V, max_passes, Policy::kApplyTargetTiles);
+          plan_vector_apply(view, spec, Policy::kThreads, Policy::kItems, V, max_passes, Policy::kApplyTargetTiles,
+                            Policy::kMinTiles);
       if (per_token)
         vector_apply_kernel<Policy, V, true><<<grid_for(p.tiles), Policy::kThreads, 0, stream>>>(in, scales, p, out, counter);
       else
