@@ -33,6 +33,7 @@
 //   - xCPU (paper shapes, paper configurations; fp32 only outside paper mode): kvq::reference on all
 //     OpenMP threads, timed once per (dtype, granularity, shape) and cached.
 #include "bench_case.hpp"
+#include "bench_kernels.cuh"
 #include "host_reference.hpp"
 #include "ops.hpp"
 #include "random.hpp"
@@ -73,13 +74,6 @@ unsigned helper_blocks(std::int64_t n) {
 }
 constexpr unsigned kHelperThreads = 256;
 
-template <class T>
-__global__ void fill_uniform_kernel(T* x, std::int64_t n, std::uint64_t seed) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    x[i] = kvq::from_float<T>(uniform_pm1(seed, static_cast<std::uint64_t>(i)));
-}
-
 /// count += number of elements of p equal to `value` (bit patterns: used to find poison left behind).
 template <class U>
 __global__ void count_equal_kernel(const U* p, std::int64_t n, U value, unsigned long long* count) {
@@ -89,19 +83,6 @@ __global__ void count_equal_kernel(const U* p, std::int64_t n, U value, unsigned
     local += p[i] == value;
   for (int offset = 16; offset > 0; offset /= 2) local += __shfl_down_sync(0xffffffffu, local, offset);
   if (threadIdx.x % 32 == 0 && local != 0) atomicAdd(count, local);
-}
-
-/// Reads all of p (n 16-byte words), leaving the L2 holding clean lines of it and nothing of the
-/// case's operands. Reading, not writing: a memset would leave dirty lines that the timed call then
-/// pays to write back. The store never happens; it keeps the loads from being optimized away.
-__global__ void read_flush_kernel(const uint4* p, std::int64_t n, unsigned* sink) {
-  unsigned acc = 0;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const uint4 v = p[i];
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x9e3779b9u) *sink = acc;
 }
 
 void fill_uniform(DType t, void* x, std::int64_t n, std::uint64_t seed, cudaStream_t s) {
@@ -240,19 +221,10 @@ unsigned long long count_poison(const void* p, std::int64_t n, std::size_t bytes
 cudaError_t flush_l2() {
   Gpu& g = gpu();
   const auto words = static_cast<std::int64_t>(g.flush_bytes / sizeof(uint4));
-  read_flush_kernel<<<helper_blocks(words), kHelperThreads, 0, g.stream>>>(static_cast<const uint4*>(g.flush), words,
+  read_flush_kernel<><<<helper_blocks(words), kHelperThreads, 0, g.stream>>>(static_cast<const uint4*>(g.flush), words,
                                                                            reinterpret_cast<unsigned*>(g.counter));
   return cudaPeekAtLastError();
 }
-
-/// Keeps the GPU busy for about `cycles` clocks, so that the host's launch of what follows it is
-/// not inside the timed window.
-__global__ void spin_kernel(long long cycles) {
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
-  }
-}
-constexpr long long kSpinCycles = 100000;  // about 50 us: longer than enqueueing an event and a graph
 
 /// Calls per graph replay: 20 back to back (compare_torch.py uses the same rule), fewer for calls
 /// so large that 20 would move more than kReplayBytes (at least one): such calls run from HBM
@@ -291,7 +263,7 @@ class Replay {
   /// or a spin precedes the start event, so the window holds the replay's GPU work only.
   cudaError_t time(bool cold, double* ms_per_call) const {
     Gpu& g = gpu();
-    if (!cold) spin_kernel<<<1, 1, 0, g.stream>>>(kSpinCycles);
+    if (!cold) spin_kernel<><<<1, 1, 0, g.stream>>>(kSpinCycles);
     cudaError_t err = cold ? flush_l2() : cudaPeekAtLastError();
     if (err == cudaSuccess) err = cudaEventRecord(g.start, g.stream);
     if (err == cudaSuccess) err = cudaGraphLaunch(exec_, g.stream);

@@ -10,7 +10,7 @@
 //                             what kvq's host API returns (which the GPU tests compare with the CPU).
 //
 // Not part of the default workload: it reaches into kvq::detail to force plans.
-#include "random.hpp"
+#include "bench_kernels.cuh"
 
 #include <kvq/kvq.cuh>
 
@@ -46,29 +46,6 @@ void ok(cudaError_t err, const char* what) {
   }
 }
 
-template <class T>
-__global__ void fill_kernel(T* x, std::int64_t n, std::uint64_t seed) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    x[i] = kvq::from_float<T>(kvq_bench::uniform_pm1(seed, static_cast<std::uint64_t>(i)));
-}
-
-__global__ void flush_kernel(const uint4* p, std::int64_t n, unsigned* sink) {
-  unsigned acc = 0;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const uint4 v = p[i];
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x9e3779b9u) *sink = acc;
-}
-
-__global__ void spin_kernel(long long cycles) {
-  const long long start = clock64();
-  while (clock64() - start < cycles) {
-  }
-}
-
 struct Gpu {
   cudaStream_t stream;
   cudaEvent_t start, stop;
@@ -96,9 +73,9 @@ Times time_calls(const std::function<void()>& call) {
     std::vector<float> ms;
     for (int i = 0; i < kReplays + 1; ++i) {
       if (cold)
-        flush_kernel<<<4096, 256, 0, g.stream>>>(g.flush, g.flush_words, g.sink);
+        kvq_bench::read_flush_kernel<><<<4096, 256, 0, g.stream>>>(g.flush, g.flush_words, g.sink);
       else
-        spin_kernel<<<1, 1, 0, g.stream>>>(100000);
+        kvq_bench::spin_kernel<><<<1, 1, 0, g.stream>>>(kvq_bench::kSpinCycles);
       ok(cudaEventRecord(g.start, g.stream), "event");
       ok(cudaGraphLaunch(exec, g.stream), "replay");
       ok(cudaEventRecord(g.stop, g.stream), "event");
@@ -242,7 +219,7 @@ void sweep(std::int64_t rows, std::int64_t dim) {
   ok(cudaMalloc(&q_ref, n), "malloc");
   ok(cudaMalloc(&s, rows * 4), "malloc");
   ok(cudaMalloc(&s_ref, rows * 4), "malloc");
-  fill_kernel<<<4096, 256, 0, g.stream>>>(x, n, 12345 + rows + dim);
+  kvq_bench::fill_uniform_kernel<<<4096, 256, 0, g.stream>>>(x, n, 12345 + rows + dim);
   ok(kvq::quantize(x, view, spec, q_ref, s_ref, kvq::Variant::kAuto, g.stream), "kvq::quantize");
   ok(kvq::dequantize(q_ref, s_ref, view, spec, y_ref, kvq::Variant::kAuto, g.stream), "kvq::dequantize");
   ok(cudaStreamSynchronize(g.stream), "reference run");
