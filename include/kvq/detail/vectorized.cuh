@@ -3,7 +3,8 @@
 // Each unit is V = 16 / sizeof(T) consecutive channels, read in one 16-byte load (float4-like for
 // fp32, 8 halves for fp16/bf16) and written as one V-byte store of codes. Views made of whole
 // vectors (channels % V == 0, every pointer and stride aligned) run the lean kernels of
-// vector_kernels.cuh. Any other view runs the tile kernels at the widest width its alignment
+// vector_kernels.cuh, or, per token with one scale per row of at most 64 units (every head dim
+// engines use), those of row_kernels.cuh. Any other view runs the tile kernels at the widest width its alignment
 // allows (16, 8, 4 or 2 bytes, else scalar), with a row's last partial vector handled element by
 // element, so any channel count and any element-aligned offset works. The default
 // (Variant::kAuto) for every operation.
