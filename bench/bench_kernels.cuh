@@ -1,5 +1,6 @@
-// bench/bench_kernels.cuh: the helper kernels kvq_bench and kvq_probe_rows time around kvq's:
-// inputs, the L2 flush and the spin that keeps a host launch out of a timed window.
+// bench/bench_kernels.cuh: what kvq_bench and kvq_probe_rows both time around kvq's kernels: the
+// inputs, the L2 flush, the spin that keeps a host launch out of a timed window, and the copy that
+// every "% of copy" is measured against.
 //
 // Templates (with an unused parameter where there is nothing else to vary), so that the header
 // may be included by more than one translation unit.
@@ -11,7 +12,10 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace kvq_bench {
 
@@ -46,5 +50,35 @@ __global__ void spin_kernel(long long cycles) {
   }
 }
 constexpr long long kSpinCycles = 100000;  // about 50 us: longer than enqueueing an event and a graph
+
+/// Device-to-device copy bandwidth, bytes read + written, on 2 GiB buffers far above the L2: the
+/// median of `runs` copies timed with events after two warm-ups.
+inline cudaError_t measure_copy_gbps(cudaStream_t stream, cudaEvent_t start, cudaEvent_t stop, int runs,
+                                     double* gbps) {
+  constexpr std::size_t kBytes = std::size_t{2} << 30;  // 2 GiB each way
+  void *src = nullptr, *dst = nullptr;
+  cudaError_t err = cudaMalloc(&src, kBytes);
+  if (err == cudaSuccess) err = cudaMalloc(&dst, kBytes);
+  if (err == cudaSuccess) err = cudaMemsetAsync(src, 1, kBytes, stream);
+  if (err == cudaSuccess) err = cudaMemsetAsync(dst, 0, kBytes, stream);
+  std::vector<float> ms;
+  for (int i = 0; i < runs + 2 && err == cudaSuccess; ++i) {  // the first two are warm-up
+    float t = 0;
+    err = cudaEventRecord(start, stream);
+    if (err == cudaSuccess) err = cudaMemcpyAsync(dst, src, kBytes, cudaMemcpyDeviceToDevice, stream);
+    if (err == cudaSuccess) err = cudaEventRecord(stop, stream);
+    if (err == cudaSuccess) err = cudaEventSynchronize(stop);
+    if (err == cudaSuccess) err = cudaEventElapsedTime(&t, start, stop);
+    if (i >= 2) ms.push_back(t);
+  }
+  cudaFree(src);
+  cudaFree(dst);
+  if (err != cudaSuccess) return err;
+  std::sort(ms.begin(), ms.end());
+  const std::size_t m = ms.size() / 2;
+  const double median_ms = ms.size() % 2 == 1 ? ms[m] : 0.5 * (static_cast<double>(ms[m - 1]) + ms[m]);
+  *gbps = 2.0 * static_cast<double>(kBytes) / (median_ms * 1e-3) * 1e-9;
+  return cudaSuccess;
+}
 
 }  // namespace kvq_bench

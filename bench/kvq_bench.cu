@@ -680,31 +680,6 @@ void print_auto_summary() {
 
 // --- start-up ----------------------------------------------------------------------------------
 
-/// Device-to-device copy bandwidth, bytes read + written, on buffers far above the L2.
-double measure_copy_gbps() {
-  Gpu& g = gpu();
-  constexpr std::size_t kBytes = std::size_t{2} << 30;  // 2 GiB each way
-  constexpr int kRuns = 20;
-  void *src = nullptr, *dst = nullptr;
-  cuda_ok(cudaMalloc(&src, kBytes), "cudaMalloc (copy source)");
-  cuda_ok(cudaMalloc(&dst, kBytes), "cudaMalloc (copy destination)");
-  cuda_ok(cudaMemsetAsync(src, 1, kBytes, g.stream), "cudaMemsetAsync");
-  cuda_ok(cudaMemsetAsync(dst, 0, kBytes, g.stream), "cudaMemsetAsync");
-  std::vector<float> ms;
-  for (int i = 0; i < kRuns + 2; ++i) {  // the first two are warm-up
-    cuda_ok(cudaEventRecord(g.start, g.stream), "cudaEventRecord");
-    cuda_ok(cudaMemcpyAsync(dst, src, kBytes, cudaMemcpyDeviceToDevice, g.stream), "cudaMemcpyAsync");
-    cuda_ok(cudaEventRecord(g.stop, g.stream), "cudaEventRecord");
-    cuda_ok(cudaEventSynchronize(g.stop), "cudaEventSynchronize");
-    float t = 0;
-    cuda_ok(cudaEventElapsedTime(&t, g.start, g.stop), "cudaEventElapsedTime");
-    if (i >= 2) ms.push_back(t);
-  }
-  cuda_ok(cudaFree(src), "cudaFree");
-  cuda_ok(cudaFree(dst), "cudaFree");
-  return 2.0 * static_cast<double>(kBytes) / (median(ms) * 1e-3) * 1e-9;
-}
-
 __global__ void empty_kernel() {}
 
 /// The shortest time any case can report, per call: an empty kernel timed as every case is (graphs
@@ -751,7 +726,7 @@ void start_up() {
   g.flush_bytes = std::max(kMinFlushBytes, 2 * static_cast<std::size_t>(prop.l2CacheSize));
   cuda_ok(cudaMalloc(&g.flush, g.flush_bytes), "cudaMalloc (L2 flush buffer)");
   cuda_ok(cudaMemsetAsync(g.flush, 0, g.flush_bytes, g.stream), "cudaMemsetAsync");
-  g.copy_gbps = measure_copy_gbps();
+  cuda_ok(measure_copy_gbps(g.stream, g.start, g.stop, 20, &g.copy_gbps), "the device-to-device copy");
   const Floor floor = measure_floor();
 
   std::printf("kvq_bench on %s (sm_%d%d, %d SMs, %.0f GB, L2 %d MB), driver %d.%d, runtime %d.%d\n", prop.name,

@@ -236,28 +236,6 @@ void sweep(std::int64_t rows, std::int64_t dim) {
     ok(cudaFree(p), "free");
 }
 
-double copy_gbps() {
-  constexpr std::size_t kBytes = std::size_t{2} << 30;
-  void *a, *b;
-  ok(cudaMalloc(&a, kBytes), "malloc");
-  ok(cudaMalloc(&b, kBytes), "malloc");
-  ok(cudaMemset(a, 1, kBytes), "memset");
-  std::vector<float> ms;
-  for (int i = 0; i < 12; ++i) {
-    ok(cudaEventRecord(g.start, g.stream), "event");
-    ok(cudaMemcpyAsync(b, a, kBytes, cudaMemcpyDeviceToDevice, g.stream), "copy");
-    ok(cudaEventRecord(g.stop, g.stream), "event");
-    ok(cudaEventSynchronize(g.stop), "sync");
-    float m = 0;
-    ok(cudaEventElapsedTime(&m, g.start, g.stop), "elapsed");
-    if (i >= 2) ms.push_back(m);
-  }
-  std::sort(ms.begin(), ms.end());
-  ok(cudaFree(a), "free");
-  ok(cudaFree(b), "free");
-  return 2.0 * kBytes / (ms[ms.size() / 2] * 1e-3) * 1e-9;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -274,7 +252,7 @@ int main(int argc, char** argv) {
   ok(cudaMemset(g.flush, 0, flush_bytes), "memset");
   ok(cudaMalloc(&g.sink, 4), "malloc");
   g.flush_words = static_cast<std::int64_t>(flush_bytes / sizeof(uint4));
-  g.copy_gbps = copy_gbps();
+  ok(kvq_bench::measure_copy_gbps(g.stream, g.start, g.stop, 10, &g.copy_gbps), "the device-to-device copy");
   std::printf("kvq_probe_rows: copy %.0f GB/s; per call in graphs of 20, cold / hot, medians of 30\n", g.copy_gbps);
   const std::int64_t only_dim = argc > 1 ? std::atoll(argv[1]) : 0;
   for (std::int64_t dim : {64, 128, 256}) {
