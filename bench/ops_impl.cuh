@@ -3,7 +3,7 @@
 
 #include "ops.hpp"
 
-#include <kvq/quantize.cuh>
+#include <kvq/study.cuh>
 
 namespace kvq_bench {
 

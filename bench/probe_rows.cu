@@ -130,7 +130,7 @@ void row_configs(const char* tag, const T* x, const kvq::KvView& view, std::int8
                  const std::int8_t* q_ref, const float* s_ref, const T* y_ref, double qbytes, double dbytes) {
   constexpr int V = 16 / sizeof(T);
   RowPlan p{};
-  if (!plan_rows<RowPolicy>(view, V, RowOp::kScales, p) || !force_units(p, U)) return;
+  if (!plan_rows<RowPolicy>(view, kvq::QuantSpec{kvq::Granularity::kPerToken, 0}, V, RowOp::kScales, p) || !force_units(p, U)) return;
   const unsigned blocks = static_cast<unsigned>(ceil_div<std::int64_t>(p.threads(), Policy::kThreads));
   const std::int64_t n = view.size(), rows = p.rows;
   const std::string config = std::string(tag) + " U" + std::to_string(U) + " L" + std::to_string(1 << p.lanes_log2);
@@ -220,8 +220,8 @@ void sweep(std::int64_t rows, std::int64_t dim) {
   ok(cudaMalloc(&s, rows * 4), "malloc");
   ok(cudaMalloc(&s_ref, rows * 4), "malloc");
   kvq_bench::fill_uniform_kernel<<<4096, 256, 0, g.stream>>>(x, n, 12345 + rows + dim);
-  ok(kvq::quantize(x, view, spec, q_ref, s_ref, kvq::Variant::kAuto, g.stream), "kvq::quantize");
-  ok(kvq::dequantize(q_ref, s_ref, view, spec, y_ref, kvq::Variant::kAuto, g.stream), "kvq::dequantize");
+  ok(kvq::quantize(x, view, spec, q_ref, s_ref, g.stream), "kvq::quantize");
+  ok(kvq::dequantize(q_ref, s_ref, view, spec, y_ref, g.stream), "kvq::dequantize");
   ok(cudaStreamSynchronize(g.stream), "reference run");
   const double qbytes = n * (sizeof(T) + 1.0) + rows * 4.0, dbytes = qbytes;
   replaced_kernels(x, view, q, s, y, q_ref, s_ref, y_ref, qbytes, dbytes);

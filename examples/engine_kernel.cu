@@ -485,10 +485,10 @@ int main() {
     const std::int64_t in = static_cast<std::int64_t>(h) * kPrefixTokens * kHeadDim;
     const std::int64_t row = static_cast<std::int64_t>(h) * kMaxTokens;  // (h, token 0) of the cache
     check(kvq::quantize(prompt_k.get() + in, prompt_head, per_token, k_codes.get() + row * kHeadDim,
-                        k_scales.get() + row, kvq::Variant::kAuto, stream),
+                        k_scales.get() + row, stream),
           "kvq::quantize prompt K");
     check(kvq::quantize(prompt_v.get() + in, prompt_head, per_token, v_codes.get() + row * kHeadDim,
-                        v_scales.get() + row, kvq::Variant::kAuto, stream),
+                        v_scales.get() + row, stream),
           "kvq::quantize prompt V");
   }
 

@@ -144,14 +144,14 @@ int main() {
   check(cudaMemcpyAsync(v.get(), host.v.data(), v.bytes(), cudaMemcpyHostToDevice, stream), "upload V");
 
   // Compress: scales are computed on the GPU, in the same pass as the codes.
-  check(kvq::quantize(k.get(), view, key_spec, k_codes.get(), k_scales.get(), kvq::Variant::kAuto, stream),
+  check(kvq::quantize(k.get(), view, key_spec, k_codes.get(), k_scales.get(), stream),
         "kvq::quantize K");
-  check(kvq::quantize(v.get(), view, value_spec, v_codes.get(), v_scales.get(), kvq::Variant::kAuto, stream),
+  check(kvq::quantize(v.get(), view, value_spec, v_codes.get(), v_scales.get(), stream),
         "kvq::quantize V");
   // And back, as an attention kernel that works on fp16 would need it.
-  check(kvq::dequantize(k_codes.get(), k_scales.get(), view, key_spec, k_hat.get(), kvq::Variant::kAuto, stream),
+  check(kvq::dequantize(k_codes.get(), k_scales.get(), view, key_spec, k_hat.get(), stream),
         "kvq::dequantize K");
-  check(kvq::dequantize(v_codes.get(), v_scales.get(), view, value_spec, v_hat.get(), kvq::Variant::kAuto, stream),
+  check(kvq::dequantize(v_codes.get(), v_scales.get(), view, value_spec, v_hat.get(), stream),
         "kvq::dequantize V");
 
   std::vector<__half> host_k_hat(n), host_v_hat(n);
@@ -169,10 +169,9 @@ int main() {
   const kvq::QuantSpec per_token{kvq::Granularity::kPerToken, 0};
   example::DeviceArray<float> k_token_scales(static_cast<std::size_t>(kvq::scale_count(view, per_token)));
   std::vector<__half> host_k_hat_per_token(n);
-  check(kvq::quantize(k.get(), view, per_token, k_codes.get(), k_token_scales.get(), kvq::Variant::kAuto, stream),
+  check(kvq::quantize(k.get(), view, per_token, k_codes.get(), k_token_scales.get(), stream),
         "kvq::quantize K per token");
-  check(kvq::dequantize(k_codes.get(), k_token_scales.get(), view, per_token, k_hat.get(), kvq::Variant::kAuto,
-                        stream),
+  check(kvq::dequantize(k_codes.get(), k_token_scales.get(), view, per_token, k_hat.get(), stream),
         "kvq::dequantize K per token");
   check(cudaMemcpyAsync(host_k_hat_per_token.data(), k_hat.get(), k_hat.bytes(), cudaMemcpyDeviceToHost, stream),
         "download K per token");

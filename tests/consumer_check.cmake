@@ -2,12 +2,14 @@
 #
 #   cmake -DKVQ_BUILD_DIR=<kvq build tree> -DKVQ_SOURCE_DIR=<kvq source> -DKVQ_WORK_DIR=<scratch>
 #         [-DKVQ_CONFIG=Release] [-DKVQ_GENERATOR=Ninja] [-DKVQ_CXX_COMPILER=g++] [-DKVQ_CUDA_ROOT=/usr/local/cuda]
+#         [-DKVQ_CUDA_COMPILER=nvcc -DKVQ_CUDA_ARCHITECTURES=80|90]
 #         -P consumer_check.cmake
 #
 # 1. cmake --install <kvq build tree> --prefix <scratch>/prefix
 # 2. examples/consumer with find_package(kvq CONFIG REQUIRED) against that prefix: configure, build, run.
 # 3. examples/consumer with add_subdirectory(<kvq source>): configure, build, run.
-# Each program must print "kvq consumer OK". Any failure stops with a non-zero exit.
+# Each build makes two programs, the C++ one (must print "kvq consumer OK") and the CUDA one (must
+# print "kvq consumer CUDA OK"; it runs without a GPU too). Any failure stops with a non-zero exit.
 cmake_minimum_required(VERSION 3.25)
 
 foreach(var KVQ_BUILD_DIR KVQ_SOURCE_DIR KVQ_WORK_DIR)
@@ -42,6 +44,14 @@ endif()
 if(KVQ_CUDA_ROOT)
   list(APPEND common_args "-DCUDAToolkit_ROOT=${KVQ_CUDA_ROOT}")
 endif()
+if(KVQ_CUDA_COMPILER)
+  list(APPEND common_args "-DCMAKE_CUDA_COMPILER=${KVQ_CUDA_COMPILER}")
+endif()
+if(KVQ_CUDA_ARCHITECTURES)  # a list, passed with | for ; (a -D value cannot hold a CMake list here)
+  string(REPLACE "|" ";" archs "${KVQ_CUDA_ARCHITECTURES}")
+  file(WRITE "${KVQ_WORK_DIR}/cuda_init.cmake" "set(CMAKE_CUDA_ARCHITECTURES \"${archs}\" CACHE STRING \"\")\n")
+  list(APPEND common_args -C "${KVQ_WORK_DIR}/cuda_init.cmake")
+endif()
 set(config_args)
 if(KVQ_CONFIG)
   set(config_args --config "${KVQ_CONFIG}")
@@ -64,15 +74,21 @@ function(check_consumer name)
   set(bin "${KVQ_WORK_DIR}/${name}")
   run_step("${name}: configure" "${CMAKE_COMMAND}" -S "${consumer_src}" -B "${bin}" ${common_args} ${ARGN})
   run_step("${name}: build" "${CMAKE_COMMAND}" --build "${bin}" ${config_args})
-  set(exe "${bin}/kvq_consumer")
-  if(KVQ_CONFIG AND EXISTS "${bin}/${KVQ_CONFIG}/kvq_consumer")  # multi-config generators
-    set(exe "${bin}/${KVQ_CONFIG}/kvq_consumer")
-  endif()
-  run_step("${name}: run" "${exe}")
-  if(NOT step_output MATCHES "kvq consumer OK")
-    message(FATAL_ERROR "consumer check: ${name} printed no OK:\n${step_output}")
-  endif()
-  message(STATUS "consumer check: ${name}: ${step_output}")
+  foreach(program kvq_consumer kvq_consumer_cuda)
+    set(exe "${bin}/${program}")
+    if(KVQ_CONFIG AND EXISTS "${bin}/${KVQ_CONFIG}/${program}")  # multi-config generators
+      set(exe "${bin}/${KVQ_CONFIG}/${program}")
+    endif()
+    run_step("${name}: run ${program}" "${exe}")
+    set(ok "kvq consumer OK")
+    if(program STREQUAL "kvq_consumer_cuda")
+      set(ok "kvq consumer CUDA OK")
+    endif()
+    if(NOT step_output MATCHES "${ok}")
+      message(FATAL_ERROR "consumer check: ${name} ${program} printed no OK:\n${step_output}")
+    endif()
+    message(STATUS "consumer check: ${name}: ${step_output}")
+  endforeach()
 endfunction()
 
 check_consumer(find_package "-DCMAKE_PREFIX_PATH=${prefix}")

@@ -24,7 +24,12 @@
 
 namespace kvq::test {
 
-#define KVQ_ASSERT_CUDA(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(expr)
+/// Asserts that a CUDA call succeeded; the call is made once, and its own error is the one printed.
+#define KVQ_ASSERT_CUDA(expr)                                                   \
+  do {                                                                          \
+    const cudaError_t kvq_assert_err_ = (expr);                                 \
+    ASSERT_EQ(kvq_assert_err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(kvq_assert_err_); \
+  } while (0)
 
 /// Owns n elements of device memory.
 template <class T>
@@ -184,7 +189,7 @@ void expect_identical(const std::vector<E>& got, const std::vector<E>& want, con
 template <class T>
 void check_view_exact(const KvView& view, std::int64_t storage, const QuantSpec& spec, const std::vector<T>& x,
                       cudaStream_t stream = nullptr) {
-  const std::int64_t ns = scale_count(view, spec);
+  const std::int64_t ns = scale_extent(view, spec);  // gaps of strided scales included: they stay poisoned
   std::vector<float> ref_s = poisoned<float>(ns, kPoisonScaleByte);
   std::vector<std::int8_t> ref_q = poisoned<std::int8_t>(storage, kPoisonCodeByte);
   std::vector<T> ref_y = poisoned<T>(storage, kPoisonValueByte);

@@ -3,9 +3,30 @@
 #include "gpu_exact.cuh"
 #include "validation_cases.hpp"
 
-// The GPU API behind the shared validation cases (validation_cases.hpp), one type per variant.
-template <class T, kvq::Variant kVariant>
+// The GPU API behind the shared validation cases (validation_cases.hpp): quantize.cuh's functions,
+// and study.cuh's once per variant.
+template <class T>
 struct GpuOps {
+  using Elem = T;
+  static cudaError_t compute_scales(const T* x, const kvq::KvView& v, const kvq::QuantSpec& s, float* scales) {
+    return kvq::compute_scales(x, v, s, scales);
+  }
+  static cudaError_t quantize(const T* x, const kvq::KvView& v, const kvq::QuantSpec& s, std::int8_t* q,
+                              float* scales) {
+    return kvq::quantize(x, v, s, q, scales);
+  }
+  static cudaError_t quantize_with_scales(const T* x, const float* scales, const kvq::KvView& v,
+                                          const kvq::QuantSpec& s, std::int8_t* q) {
+    return kvq::quantize_with_scales(x, scales, v, s, q);
+  }
+  static cudaError_t dequantize(const std::int8_t* q, const float* scales, const kvq::KvView& v,
+                                const kvq::QuantSpec& s, T* y) {
+    return kvq::dequantize(q, scales, v, s, y);
+  }
+};
+
+template <class T, kvq::Variant kVariant>
+struct GpuStudyOps {
   using Elem = T;
   static cudaError_t compute_scales(const T* x, const kvq::KvView& v, const kvq::QuantSpec& s, float* scales) {
     return kvq::compute_scales(x, v, s, scales, kVariant);
@@ -24,9 +45,10 @@ struct GpuOps {
   }
 };
 
-using GpuTypes = ::testing::Types<GpuOps<float, kvq::Variant::kAuto>, GpuOps<float, kvq::Variant::kNaive>,
-                                  GpuOps<float, kvq::Variant::kTiled>, GpuOps<float, kvq::Variant::kCoarsened>,
-                                  GpuOps<float, kvq::Variant::kVectorized>>;
+using GpuTypes = ::testing::Types<GpuOps<float>, GpuOps<__half>, GpuOps<__nv_bfloat16>,
+                                  GpuStudyOps<float, kvq::Variant::kAuto>, GpuStudyOps<float, kvq::Variant::kNaive>,
+                                  GpuStudyOps<float, kvq::Variant::kTiled>, GpuStudyOps<float, kvq::Variant::kCoarsened>,
+                                  GpuStudyOps<float, kvq::Variant::kVectorized>>;
 
 namespace kvq::test {
 INSTANTIATE_TYPED_TEST_SUITE_P(GpuApi, ValidationCases, GpuTypes);

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace {
 
@@ -67,19 +68,28 @@ TEST(GpuRequired, ScopedEnvironmentIsRestored) {
 }
 
 // A fixture instance whose SetUp can be called directly, inside a reporter that records what the
-// fixture reports (skip, failure or nothing) instead of applying it to the enclosing test.
+// fixture reports (skip, failure or nothing) instead of applying it to the enclosing test. Its
+// device check answers `reason` (empty: a usable GPU) instead of asking the machine, so every
+// outcome of SetUp is exercised on every machine, with and without a GPU.
 class Probe : public kvq::test::GpuTest {
  public:
+  explicit Probe(std::string reason) : reason_(std::move(reason)) {}
   using kvq::test::GpuTest::SetUp;
   void TestBody() override {}
+
+ private:
+  std::string unavailable_reason() const override { return reason_; }
+  std::string reason_;
 };
 
-void run_setup(::testing::TestPartResultArray* results) {
+void run_setup(const std::string& reason, ::testing::TestPartResultArray* results) {
   ::testing::ScopedFakeTestPartResultReporter reporter(
       ::testing::ScopedFakeTestPartResultReporter::INTERCEPT_ONLY_CURRENT_THREAD, results);
-  Probe probe;
+  Probe probe(reason);
   probe.SetUp();
 }
+
+const std::string kNoDevice = "cudaGetDeviceCount reported 0 devices";
 
 bool gpu_usable() { return kvq::test::gpu_unavailable_reason().empty(); }
 
@@ -99,59 +109,77 @@ TEST(GpuFixture, ReasonIsEmptyOnlyWithAUsableDevice) {
   }
 }
 
-TEST(GpuFixture, WithoutAGpuSetUpSkipsWithAMessage) {
+TEST(GpuFixture, WithAGpuSetUpReportsNothing) {
+  for (const char* required : {"0", "1"}) {
+    ScopedRequireGpu env(std::string{required});
+    ::testing::TestPartResultArray r;
+    run_setup("", &r);
+    EXPECT_EQ(r.size(), 0) << "KVQ_REQUIRE_GPU=" << required;
+  }
+}
+
+TEST(GpuFixture, WithoutAGpuSetUpSkipsWithTheReason) {
   ScopedRequireGpu env(std::nullopt);
   ::testing::TestPartResultArray r;
-  run_setup(&r);
-  if (gpu_usable()) {
-    EXPECT_EQ(r.size(), 0) << "with a usable GPU, SetUp reports nothing";
-    return;
-  }
+  run_setup(kNoDevice, &r);
   ASSERT_EQ(r.size(), 1);
   EXPECT_TRUE(r.GetTestPartResult(0).skipped());
-  EXPECT_NE(std::string(r.GetTestPartResult(0).message()).find("no usable GPU"), std::string::npos)
-      << r.GetTestPartResult(0).message();
+  const std::string message = r.GetTestPartResult(0).message();
+  EXPECT_NE(message.find("no usable GPU"), std::string::npos) << message;
+  EXPECT_NE(message.find(kNoDevice), std::string::npos) << message;
 }
 
 TEST(GpuFixture, WithoutAGpuSetUpFailsWhenAGpuIsRequired) {
   ScopedRequireGpu env(std::string("1"));
   ::testing::TestPartResultArray r;
-  run_setup(&r);
-  if (gpu_usable()) {
-    EXPECT_EQ(r.size(), 0) << "with a usable GPU, SetUp reports nothing";
-    return;
-  }
+  run_setup(kNoDevice, &r);
   ASSERT_EQ(r.size(), 1);
   EXPECT_TRUE(r.GetTestPartResult(0).fatally_failed());
-  EXPECT_NE(std::string(r.GetTestPartResult(0).message()).find("KVQ_REQUIRE_GPU"), std::string::npos)
-      << r.GetTestPartResult(0).message();
+  const std::string message = r.GetTestPartResult(0).message();
+  EXPECT_NE(message.find("KVQ_REQUIRE_GPU"), std::string::npos) << message;
+  EXPECT_NE(message.find(kNoDevice), std::string::npos) << message;
 }
 
 TEST(GpuFixture, ZeroMeansSkipNotFail) {
   ScopedRequireGpu env(std::string("0"));
   ::testing::TestPartResultArray r;
-  run_setup(&r);
-  if (gpu_usable()) return;
+  run_setup(kNoDevice, &r);
   ASSERT_EQ(r.size(), 1);
   EXPECT_TRUE(r.GetTestPartResult(0).skipped());
 }
 
+TEST(GpuFixture, TheRealFixtureAsksTheDevice) {
+  // What SetUp does on this machine: nothing with a usable GPU, a skip without one.
+  ScopedRequireGpu env(std::nullopt);
+  ::testing::TestPartResultArray r;
+  run_setup(kvq::test::gpu_unavailable_reason(), &r);
+  if (gpu_usable()) {
+    EXPECT_EQ(r.size(), 0);
+  } else {
+    ASSERT_EQ(r.size(), 1);
+    EXPECT_TRUE(r.GetTestPartResult(0).skipped());
+  }
+}
+
 // Real tests on the fixture: without a GPU their bodies never run (ctest lists them as skipped);
-// with one they run and find the device usable. A fixture that let the body run without a GPU
-// would fail here.
+// with one they run, and use the device: memory written by the GPU must read back.
 class FixtureProbe : public kvq::test::GpuTest {};
 
-TEST_F(FixtureProbe, BodyRunsOnlyWithAUsableGpu) {
-  EXPECT_TRUE(gpu_usable()) << "the body ran without a usable GPU";
-  int device = -1;
-  EXPECT_EQ(cudaGetDevice(&device), cudaSuccess);
+void expect_device_round_trip(unsigned char value) {
+  void* d = nullptr;
+  ASSERT_EQ(cudaMalloc(&d, 256), cudaSuccess);
+  unsigned char h[256] = {};
+  EXPECT_EQ(cudaMemset(d, value, sizeof(h)), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(cudaFree(d), cudaSuccess);
+  for (unsigned char b : h) ASSERT_EQ(b, value);
 }
+
+TEST_F(FixtureProbe, BodyRunsOnlyWithAUsableGpu) { expect_device_round_trip(0xa7); }
 
 class ParamFixtureProbe : public kvq::test::GpuTestWithParam<int> {};
 
-TEST_P(ParamFixtureProbe, BodyRunsOnlyWithAUsableGpu) {
-  EXPECT_TRUE(gpu_usable()) << "the body ran without a usable GPU (param " << GetParam() << ")";
-}
+TEST_P(ParamFixtureProbe, BodyRunsOnlyWithAUsableGpu) { expect_device_round_trip(static_cast<unsigned char>(GetParam())); }
 
 INSTANTIATE_TEST_SUITE_P(Sizes, ParamFixtureProbe, ::testing::Values(1, 46));
 

@@ -37,7 +37,7 @@ constexpr detail::RowOp kRowOps[] = {detail::RowOp::kScales, detail::RowOp::kCod
 template <class T>
 int planned_units(const KvView& view, detail::RowOp op) {
   RowPlan p{};
-  return detail::plan_rows<RowPolicy>(view, kWidth<T>, op, p) ? p.units_per_thread : 0;
+  return detail::plan_rows<RowPolicy>(view, kPerRow, kWidth<T>, op, p) ? p.units_per_thread : 0;
 }
 
 /// "scales U4, codes U2, values U2": what each op's kernel runs with on `view`.

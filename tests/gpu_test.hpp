@@ -17,11 +17,14 @@ namespace kvq::test {
 class GpuTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const std::string reason = gpu_unavailable_reason();
+    const std::string reason = unavailable_reason();
     if (reason.empty()) return;
     if (gpu_required()) FAIL() << "KVQ_REQUIRE_GPU is set but no GPU is usable: " << reason;
     GTEST_SKIP() << "no usable GPU (" << reason << "); set KVQ_REQUIRE_GPU=1 to make this a failure";
   }
+  /// Why no GPU is usable (empty: one is). A seam for gpu_fixture_test.cpp, which replaces it to
+  /// drive both of SetUp's outcomes on any machine; every GPU test asks the device.
+  virtual std::string unavailable_reason() const { return gpu_unavailable_reason(); }
 };
 
 /// Same, for parameterized tests.

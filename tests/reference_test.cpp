@@ -445,4 +445,67 @@ TEST(Model, AgreesWithAHandComputedGroup) {
   EXPECT_EQ(m.y, (std::vector<double>{1.0, -63.5, 1.0}));
 }
 
+// --- scale strides: the same scales, elsewhere -----------------------------------------------------
+
+TYPED_TEST(ReferenceTyped, StridedScalesAreTheContiguousOnesElsewhere) {
+  using T = TypeParam;
+  const KvView v{3, 40, 24, 40 * 24, 24};  // [B, T, D]
+  const std::vector<T> x = make_data<T>(v, Dist::kNormalWithOutliers, 3);
+  const std::int64_t storage = v.size();
+  for (Granularity gr : {Granularity::kPerToken, Granularity::kPerChannel})
+    for (std::int64_t group : {0, 8}) {
+      const QuantSpec flat{gr, group};
+      const kvq::ScaleShape sh = kvq::scale_shape(v, flat);
+      for (kvq::ScaleStrides st : {kvq::ScaleStrides{sh.rows * sh.cols + 7, 0}, kvq::ScaleStrides{0, sh.cols + 2},
+                                   kvq::ScaleStrides{sh.cols, sh.batch * sh.cols}}) {  // the last: batches interleaved
+        QuantSpec spec = flat;
+        spec.scale_strides = st;
+        const std::string what = std::string(kvq::to_string(gr)) + " group " + std::to_string(group) + " strides " +
+                                 std::to_string(st.batch_stride) + "/" + std::to_string(st.row_stride);
+        ASSERT_EQ(kvq::validate(v, spec), cudaSuccess) << what;
+        std::vector<float> s_flat(kvq::scale_count(v, flat)), s(kvq::scale_extent(v, spec), -3.0f);
+        std::vector<std::int8_t> q_flat(storage, 0), q(storage, 0), q2(storage, 0);
+        std::vector<T> y_flat(storage), y(storage);
+        ASSERT_EQ(kvq::reference::quantize(x.data(), v, flat, q_flat.data(), s_flat.data()), cudaSuccess);
+        ASSERT_EQ(kvq::reference::quantize(x.data(), v, spec, q.data(), s.data()), cudaSuccess);
+        EXPECT_EQ(q, q_flat) << what;
+        std::vector<bool> used(s.size(), false);
+        for (std::int64_t b = 0; b < sh.batch; ++b)
+          for (std::int64_t r = 0; r < sh.rows; ++r)
+            for (std::int64_t c = 0; c < sh.cols; ++c) {
+              const std::int64_t at = kvq::scale_offset(v, spec, b, r, c);
+              used[at] = true;
+              ASSERT_EQ(s[at], s_flat[(b * sh.rows + r) * sh.cols + c]) << what;
+            }
+        for (std::size_t i = 0; i < s.size(); ++i)
+          if (!used[i]) ASSERT_EQ(s[i], -3.0f) << what << ": a gap was written at " << i;
+        ASSERT_EQ(kvq::reference::quantize_with_scales(x.data(), s.data(), v, spec, q2.data()), cudaSuccess);
+        EXPECT_EQ(q2, q_flat) << what;
+        ASSERT_EQ(kvq::reference::dequantize(q.data(), s.data(), v, spec, y.data()), cudaSuccess);
+        ASSERT_EQ(kvq::reference::dequantize(q_flat.data(), s_flat.data(), v, flat, y_flat.data()), cudaSuccess);
+        EXPECT_EQ(std::memcmp(y.data(), y_flat.data(), y.size() * sizeof(T)), 0) << what;
+      }
+    }
+}
+
+TEST(ScaleStrides, OverlappingOrNegativeStridesAreRejected) {
+  const KvView v{2, 8, 16, 8 * 16, 16};
+  const QuantSpec per_channel{Granularity::kPerChannel, 4};  // scales [2, 2, 16]
+  const QuantSpec per_token{Granularity::kPerToken, 0};      // scales [2, 8, 1]
+  auto with = [](QuantSpec s, std::int64_t batch, std::int64_t row) {
+    s.scale_strides = kvq::ScaleStrides{batch, row};
+    return s;
+  };
+  EXPECT_EQ(kvq::validate(v, with(per_channel, 0, 15)), cudaErrorInvalidValue) << "rows overlap";
+  EXPECT_EQ(kvq::validate(v, with(per_channel, 31, 16)), cudaErrorInvalidValue) << "batches overlap";
+  EXPECT_EQ(kvq::validate(v, with(per_channel, -32, 16)), cudaErrorInvalidValue);
+  EXPECT_EQ(kvq::validate(v, with(per_channel, 32, -16)), cudaErrorInvalidValue);
+  EXPECT_EQ(kvq::validate(v, with(per_token, 1, 1)), cudaErrorInvalidValue) << "[T, H] needs row stride >= H";
+  EXPECT_EQ(kvq::validate(v, with(per_token, 0, std::int64_t{1} << 62)), cudaErrorInvalidValue) << "overflow";
+  EXPECT_EQ(kvq::validate(v, with(per_token, 1, 2)), cudaSuccess) << "[T, H]";
+  EXPECT_EQ(kvq::validate(v, with(per_channel, 64, 0)), cudaSuccess) << "a gap between batches";
+  EXPECT_EQ(kvq::scale_extent(v, with(per_channel, 64, 0)), 64 + 32);
+  EXPECT_EQ(kvq::scale_extent(v, per_channel), kvq::scale_count(v, per_channel));
+}
+
 }  // namespace

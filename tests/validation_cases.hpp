@@ -302,8 +302,65 @@ TYPED_TEST_P(ValidationCases, EmptyTensorsSucceedAndTouchNothing) {
         }
 }
 
+// An output that shares bytes with another operand is refused, whichever operand and however
+// little they share; the same buffers at their own addresses are valid (the other cases).
+TYPED_TEST_P(ValidationCases, OverlappingOperands) {
+  using T = typename TestFixture::T;
+  using Ptrs = typename TestFixture::Ptrs;
+  const std::size_t x_span = this->kN * sizeof(T);  // bytes of the view of x: last byte at x_span - 1
+  auto* x_raw = this->x_bytes.data();
+  auto* q_raw = this->q_bytes.data();
+  auto* s_raw = this->s_bytes.data();
+  auto as_q = [](unsigned char* p) { return reinterpret_cast<std::int8_t*>(p); };
+  auto as_s = [](unsigned char* p) { return reinterpret_cast<float*>(p); };
+  auto as_t = [](unsigned char* p) { return reinterpret_cast<T*>(p); };
+  const Ptrs good = this->good_ptrs();
+  const struct {
+    Op op;
+    Ptrs p;
+    const char* what;
+  } cases[] = {
+      {Op::kComputeScales, {good.x, good.q, as_s(x_raw), good.y}, "scales = x"},
+      {Op::kComputeScales, {good.x, good.q, as_s(x_raw + x_span - sizeof(float)), good.y}, "scales on x's last float"},
+      {Op::kQuantize, {good.x, as_q(x_raw), good.scales, good.y}, "q = x"},
+      {Op::kQuantize, {good.x, as_q(x_raw + x_span - 1), good.scales, good.y}, "q on x's last byte"},
+      {Op::kQuantize, {good.x, good.q, as_s(x_raw), good.y}, "scales = x"},
+      {Op::kQuantize, {good.x, good.q, as_s(q_raw), good.y}, "scales = q"},
+      {Op::kQuantizeWithScales, {good.x, as_q(x_raw), good.scales, good.y}, "q = x"},
+      {Op::kQuantizeWithScales, {good.x, as_q(s_raw), good.scales, good.y}, "q = scales"},
+      {Op::kDequantize, {good.x, good.q, good.scales, as_t(q_raw)}, "y = q"},
+      {Op::kDequantize, {good.x, good.q, good.scales, as_t(s_raw)}, "y = scales"},
+  };
+  for (const auto& c : cases)
+    for (Granularity g : {Granularity::kPerToken, Granularity::kPerChannel})
+      this->expect_error(c.op, this->good_view(), this->spec(g), c.p, cudaErrorInvalidValue,
+                         std::string(c.what) + " (" + to_string(g) + ")");
+}
+
+// Scale strides that are negative, make two scales share an address, or overflow.
+TYPED_TEST_P(ValidationCases, BadScaleStrides) {
+  const struct {
+    ScaleStrides strides;
+    const char* what;
+  } cases[] = {
+      {{-1, 0}, "negative batch stride"},
+      {{0, -1}, "negative row stride"},
+      {{1, 1}, "batches on top of each other"},
+      {{0, std::numeric_limits<std::int64_t>::max() / 2}, "overflowing offsets"},
+  };
+  for (const auto& c : cases)
+    for (Op op : kAllOps)
+      for (Granularity g : {Granularity::kPerToken, Granularity::kPerChannel}) {
+        QuantSpec s = this->spec(g, 4);
+        s.scale_strides = c.strides;
+        this->expect_error(op, this->good_view(), s, this->good_ptrs(), cudaErrorInvalidValue,
+                           std::string(c.what) + " (" + to_string(g) + ")");
+      }
+}
+
 REGISTER_TYPED_TEST_SUITE_P(ValidationCases, NullPointers, NegativeSizes, NegativeGroup, NegativeStrides,
                             OverlappingStrides, Int64OverflowingViews, MisalignedPointers, BadGranularity,
-                            ErrorsInTheViewComeBeforePointerErrors, EmptyTensorsSucceedAndTouchNothing);
+                            ErrorsInTheViewComeBeforePointerErrors, EmptyTensorsSucceedAndTouchNothing,
+                            OverlappingOperands, BadScaleStrides);
 
 }  // namespace kvq::test

@@ -46,14 +46,9 @@ namespace kvq::test {
 INSTANTIATE_TYPED_TEST_SUITE_P(Validation, ValidationCases, ReferenceTypes);
 }  // namespace kvq::test
 
-// ==== GPU API: add it here once a .cu test binary exists ========================================
-// The host API of kvq/quantize.cuh (same signatures plus `Variant, cudaStream_t`) shares this
-// validation. Its adapter needs nvcc, so it belongs in a .cu file of the GPU test binary: include
-// "validation_cases.hpp" there, define GpuOps<T> forwarding to kvq::compute_scales etc. (one per
-// Variant if wanted), and INSTANTIATE_TYPED_TEST_SUITE_P(Gpu, ValidationCases, <its types>) inside
-// namespace kvq::test, as above. No case makes a valid non-empty call, so the cases need no
-// device memory, and they run (and must pass) without a GPU: do not derive them from GpuTest.
-// =================================================================================================
+// The GPU API (quantize.cuh, and study.cuh per variant) runs the same cases from
+// gpu_exact_float_test.cu: its adapter needs nvcc. No case makes a valid non-empty call, so they
+// need no device memory and run (and must pass) without a GPU.
 
 namespace {
 

@@ -1,19 +1,25 @@
 // kvq/device.cuh: device-side building blocks for engines that quantize inside their own kernels
 // (cache writes) and dequantize inside their own attention kernels.
 //
-// Same numeric contract as the host API, bit for bit: the host API's kernels are built from these
-// functions. Everything here is __device__ and header-only; nothing allocates or synchronizes
-// beyond the warp it is called from.
+// Same numeric contract as the host API, bit for bit. Two levels:
+//   - fragment blocks (load/store, quantize, quantize_within_amax, dequantize, amax_bits,
+//     warp_max_bits): the host API's kernels are built from these;
+//   - row blocks (RowLanes, quantize_row, dequantize_row and their _warp forms): one row with one
+//     scale by a group of 1 to 32 lanes, built from the fragment blocks, for an engine's cache
+//     writes and reads (tests/gpu_device_test.cu checks each against the CPU reference).
+// Everything here is __device__ and header-only; nothing allocates or synchronizes beyond the
+// lanes it is called from.
 #pragma once
+
+#include <kvq/version.hpp>
 
 #include <kvq/detail/config.cuh>
 #include <kvq/numerics.hpp>
 
 #include <cstdint>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 /// The machine type of an access of `Bytes` bytes. Accessing through it (rather than the struct)
 /// is what makes nvcc emit one 4/8/16-byte instruction instead of one per int8 element.
 template <int Bytes>
@@ -23,7 +29,6 @@ template <> struct AccessType<2> { using type = std::uint16_t; };
 template <> struct AccessType<4> { using type = std::uint32_t; };
 template <> struct AccessType<8> { using type = uint2; };
 template <> struct AccessType<16> { using type = uint4; };
-}  // namespace v0_1
 }  // namespace detail
 
 namespace device {
@@ -133,13 +138,12 @@ __device__ inline Fragment<std::int8_t, N> quantize(const Fragment<T, N>& x, con
     word[i] = code_word(to_float(x[i]), scale[i], inv_scale[i], e);
     exact &= e;
   }
-  if (!exact) {  // rare: NaN/Inf input, saturating overflow, or a scale outside the fast range
+  // Rare: a NaN/Inf input, a saturating overflow, or a scale outside the fast range. The whole
+  // fragment then divides (quantize_value, which the exact codes equal anyway): keeping which
+  // elements were exact would cost registers and instructions on the common path.
+  if (!exact) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      bool e;
-      code_word(to_float(x[i]), scale[i], inv_scale[i], e);
-      if (!e) word[i] = static_cast<std::uint8_t>(quantize_value(to_float(x[i]), scale[i]));
-    }
+    for (int i = 0; i < N; ++i) word[i] = static_cast<std::uint8_t>(quantize_value(to_float(x[i]), scale[i]));
   }
   return low_bytes<N>(word);
 }
@@ -176,7 +180,7 @@ __device__ inline Fragment<float, N> code_values(const Fragment<std::int8_t, N>&
       word ^= kBias;
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        f[4 * w + i] = __fsub_rn(__uint_as_float(__byte_perm(word, kTwoTo23, 0x7650u | i)), kOffset);
+        f[4 * w + i] = sub_rn(__uint_as_float(__byte_perm(word, kTwoTo23, 0x7650u | i)), kOffset);
     }
   } else {
 #pragma unroll
@@ -329,34 +333,96 @@ __device__ inline float warp_amax(float local_amax, unsigned mask = detail::kFul
   return bits_to_float(warp_max_bits(finite_abs_bits(local_amax), mask));
 }
 
-/// One warp quantizes one row of n values with one scale of its own, and returns that scale (every
-/// lane gets it; lane 0 also stores it to *scale_out when scale_out is not null). All 32 lanes must
-/// call it. Reads the row twice (amax, then codes); the second read is served by L1/L2 for the row
-/// sizes of a KV cache. Any alignment and any n >= 0.
+/// kLanes consecutive lanes of a warp that work on one row together (kLanes a power of two, 1 to
+/// 32): a full warp for long rows, 8 or 16 lanes for head dims of 32 to 128, so that every lane
+/// has work and one warp holds 2 to 4 rows. Any block shape: the lane is the hardware lane
+/// (%laneid), not threadIdx.x % 32, so 2-D and 3-D blocks work, and so do warps that are not
+/// full at the end of a block as long as each group is.
+template <int kLanes = detail::kWarpSize>
+struct RowLanes {
+  static_assert(kLanes >= 1 && kLanes <= detail::kWarpSize && (kLanes & (kLanes - 1)) == 0,
+                "kvq: a row group is a power of two of lanes, at most a warp");
+  static constexpr int kSize = kLanes;
+  int lane;       // this thread's place in its group, 0 to kLanes - 1
+  unsigned mask;  // the lanes of this thread's group in its warp
+
+  /// The group of the calling thread: lanes [g * kLanes, (g + 1) * kLanes) of its warp.
+  __device__ static RowLanes this_thread() {
+    unsigned warp_lane;
+    asm("mov.u32 %0, %%laneid;" : "=r"(warp_lane));
+    const unsigned first = warp_lane & ~static_cast<unsigned>(kLanes - 1);
+    return RowLanes{static_cast<int>(warp_lane - first),
+                    kLanes == detail::kWarpSize ? detail::kFullMask : ((1u << kLanes) - 1u) << first};
+  }
+};
+
+/// The lanes of a group quantize one row of n values with one scale of its own, and return that
+/// scale (every lane of the group gets it; lane 0 also stores it to *scale_out when scale_out is
+/// not null). Every lane of the group must call it with the same arguments. Rows whose x is
+/// 16-byte aligned and whose q is aligned to a vector of codes (16 / sizeof(T) bytes) are read and
+/// written in 16-byte vectors, the tail element by element; other rows element by element. Reads
+/// the row twice (amax, then codes: the second read is served by L1/L2 at KV-cache row sizes).
+/// Bit-identical to kvq::quantize per token on the row. Any alignment and any n >= 0.
+template <int kLanes, class T>
+__device__ inline float quantize_row(const RowLanes<kLanes>& g, const T* x,  // (n)
+                                     std::int64_t n,
+                                     std::int8_t* q,      // (n)
+                                     float* scale_out) {  // (1) or null
+  constexpr int V = 16 / sizeof(T);
+  const bool vectors = reinterpret_cast<std::uintptr_t>(x) % 16 == 0 && reinterpret_cast<std::uintptr_t>(q) % V == 0;
+  const std::int64_t units = vectors ? n / V : 0, tail = units * V;
+  std::uint32_t m = 0;
+  unsigned long long ignored = 0;
+  for (std::int64_t u = g.lane; u < units; u += kLanes) m = max(m, amax_bits(load<V>(x + u * V), ignored));
+  for (std::int64_t i = tail + g.lane; i < n; i += kLanes) m = max(m, finite_abs_bits(to_float(x[i])));
+  const float scale = scale_from_amax(bits_to_float(warp_max_bits(m, g.mask)));
+  const float inv = reciprocal(scale);
+  Fragment<float, V> s, rs;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    s[e] = scale;
+    rs[e] = inv;
+  }
+  for (std::int64_t u = g.lane; u < units; u += kLanes) store<V>(q + u * V, quantize<V>(load<V>(x + u * V), s, rs));
+  for (std::int64_t i = tail + g.lane; i < n; i += kLanes) q[i] = quantize_value(to_float(x[i]), scale, inv);
+  if (g.lane == 0 && scale_out != nullptr) *scale_out = scale;
+  return scale;
+}
+
+/// The lanes of a group dequantize one row of n codes under one scale (read as the host API reads
+/// given scales: sanitize_scale). Every lane of the group must call it. 16-byte vectors of values
+/// where y is 16-byte aligned and q aligned to a vector of codes, element by element otherwise.
+template <int kLanes, class T>
+__device__ inline void dequantize_row(const RowLanes<kLanes>& g, const std::int8_t* q,  // (n)
+                                      std::int64_t n, float scale,
+                                      T* y) {  // (n)
+  constexpr int V = 16 / sizeof(T);
+  scale = sanitize_scale(scale);
+  const bool vectors = reinterpret_cast<std::uintptr_t>(y) % 16 == 0 && reinterpret_cast<std::uintptr_t>(q) % V == 0;
+  const std::int64_t units = vectors ? n / V : 0, tail = units * V;
+  Fragment<float, V> s;
+#pragma unroll
+  for (int e = 0; e < V; ++e) s[e] = scale;
+  for (std::int64_t u = g.lane; u < units; u += kLanes) store<V>(y + u * V, dequantize<T, V>(load<V>(q + u * V), s));
+  for (std::int64_t i = tail + g.lane; i < n; i += kLanes) y[i] = dequantize_value<T>(q[i], scale);
+}
+
+/// quantize_row() by the calling thread's whole warp: all 32 lanes must call it.
 template <class T>
 __device__ inline float quantize_row_warp(const T* x,       // (n)
                                           std::int64_t n,
                                           std::int8_t* q,    // (n)
                                           float* scale_out) {  // (1) or null
-  const int lane = static_cast<int>(threadIdx.x) % detail::kWarpSize;
-  std::uint32_t m = 0;
-  for (std::int64_t i = lane; i < n; i += detail::kWarpSize) m = max(m, finite_abs_bits(to_float(x[i])));
-  const float scale = scale_from_amax(bits_to_float(warp_max_bits(m)));
-  const float inv = reciprocal(scale);
-  for (std::int64_t i = lane; i < n; i += detail::kWarpSize) q[i] = quantize_value(to_float(x[i]), scale, inv);
-  if (lane == 0 && scale_out != nullptr) *scale_out = scale;
-  return scale;
+  return quantize_row(RowLanes<>::this_thread(), x, n, q, scale_out);
 }
 
-/// One warp dequantizes one row of n codes under one scale (any alignment, any n >= 0).
+/// dequantize_row() by the calling thread's whole warp: all 32 lanes must call it.
 template <class T>
 __device__ inline void dequantize_row_warp(const std::int8_t* q,  // (n)
                                            std::int64_t n, float scale,
                                            T* y) {  // (n)
-  const int lane = static_cast<int>(threadIdx.x) % detail::kWarpSize;
-  scale = sanitize_scale(scale);
-  for (std::int64_t i = lane; i < n; i += detail::kWarpSize) y[i] = dequantize_value<T>(q[i], scale);
+  dequantize_row(RowLanes<>::this_thread(), q, n, scale, y);
 }
 
 }  // namespace device
-}  // namespace kvq
+KVQ_NAMESPACE_END

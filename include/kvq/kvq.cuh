@@ -3,6 +3,7 @@
 //   types.hpp      KvView, QuantSpec, Granularity, Variant, scale_shape(), validate()
 //   numerics.hpp   the numeric contract (scale rule, rounding, saturation, NaN/Inf)
 //   quantize.cuh   host API: compute_scales, quantize, quantize_with_scales, dequantize
+//   study.cuh      the same with a Variant: the paper's strategies, for benchmarks and studies
 //   device.cuh     device-side building blocks for engines' own kernels
 //   reference.hpp  CPU reference of every operation
 //   metrics.hpp    error metrics
@@ -13,4 +14,6 @@
 #include <kvq/numerics.hpp>
 #include <kvq/quantize.cuh>
 #include <kvq/reference.hpp>
+#include <kvq/study.cuh>
 #include <kvq/types.hpp>
+#include <kvq/version.hpp>

@@ -4,6 +4,8 @@
 // Element types may be float, double, __half or __nv_bfloat16 (anything to_float accepts).
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <kvq/numerics.hpp>
 
 #include <algorithm>
@@ -11,7 +13,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace metrics {
 namespace detail {
 inline double widen(double x) { return x; }
@@ -108,4 +110,4 @@ double attention_output_error(const Q* q, std::int64_t nq,              // (nq, 
 }
 
 }  // namespace metrics
-}  // namespace kvq
+KVQ_NAMESPACE_END

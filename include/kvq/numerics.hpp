@@ -10,8 +10,12 @@
 //   fp16 / bf16 inputs are widened to fp32 exactly before any arithmetic.
 //
 // No step can be contracted into an FMA and none depends on the rounding mode of the host beyond
-// the default round-to-nearest-even, so nvcc (without --use_fast_math) and g++ agree bit for bit.
+// the default round-to-nearest-even, so nvcc and g++ agree bit for bit; on the GPU the steps are
+// inline PTX that nvcc's fast-math flags (--use_fast_math, -ftz=true, -prec-div=false) leave as
+// they are (see add_rn), so the agreement holds whatever flags the caller builds with.
 #pragma once
+
+#include <kvq/version.hpp>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,7 +26,7 @@
 #include <cmath>
 #endif
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 
 /// The symmetric int8 code range.
 struct Int8Codes {
@@ -63,6 +67,13 @@ __host__ __device__ inline std::uint32_t finite_abs_bits(float x) {
   return a < kInfBits ? a : 0u;
 }
 
+/// The larger of two amaxes (finite and >= 0), on the bits: exact and order-free like fmaxf, and,
+/// unlike fmaxf under -ftz, it keeps a subnormal amax.
+__host__ __device__ inline float max_amax(float a, float b) {
+  const std::uint32_t x = float_bits(a), y = float_bits(b);
+  return bits_to_float(x > y ? x : y);
+}
+
 /// Exact widening of every supported input type to fp32.
 __host__ __device__ inline float to_float(float x) { return x; }
 __host__ __device__ inline float to_float(__half x) { return __half2float(x); }
@@ -84,55 +95,121 @@ __host__ __device__ inline __half from_float<__half>(float x) { return __float2h
 template <>
 __host__ __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-__host__ __device__ inline float div_rn(float a, float b) {
+// The contract's fp32 operations. On the GPU each is one PTX instruction written out with its
+// rounding and without `.ftz`: nvcc's fast-math flags (--use_fast_math, or -ftz=true and
+// -prec-div=false alone) rewrite what it emits for C++ arithmetic and for intrinsics such as
+// __fmul_rn into flush-to-zero or approximate forms, but never inline PTX. So kvq's scales, codes
+// and values do not depend on the flags of the translation unit that includes it (the GPU tests run
+// built both ways, and tests/fast_math compares the PTX). The same holds for comparisons: under
+// -ftz a float comparison reads a subnormal as zero, so the contract compares bits (see is_positive).
+// On the host they are the plain IEEE operations (g++ has no fast-math by default; -ffast-math would
+// change the reference, and the build never passes it).
+__host__ __device__ inline float add_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
 #else
-  return a / b;
+  return a + b;
+#endif
+}
+
+__host__ __device__ inline float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return a - b;
 #endif
 }
 
 __host__ __device__ inline float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
 #else
   return a * b;
 #endif
 }
 
-__host__ __device__ inline float add_rn(float a, float b) {
+/// IEEE division, correctly rounded (never the approximate division of -prec-div=false).
+__host__ __device__ inline float div_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
 #else
-  return a + b;
+  return a / b;
 #endif
 }
 
 /// a * b + c with one rounding (std::fma on the host, FFMA on the GPU).
 __host__ __device__ inline float fma_rn(float a, float b, float c) {
 #ifdef __CUDA_ARCH__
-  return __fmaf_rn(a, b, c);
+  float r;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+  return r;
 #else
   return std::fma(a, b, c);
 #endif
 }
 
+/// c - a * b with one rounding: fma_rn(-a, b, c) (the negation is exact; on the GPU it folds
+/// into the FFMA).
+__host__ __device__ inline float fnma_rn(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("{\n\t.reg .f32 na;\n\tneg.f32 na, %1;\n\tfma.rn.f32 %0, na, %2, %3;\n\t}" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+  return r;
+#else
+  return std::fma(-a, b, c);
+#endif
+}
+
+/// x clamped to [lo, hi] (lo <= hi), subnormals kept; a NaN x gives lo (fmaxf's rule).
+__host__ __device__ inline float clamp(float x, float lo, float hi) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("{\n\t.reg .f32 t;\n\tmax.f32 t, %1, %2;\n\tmin.f32 %0, t, %3;\n\t}" : "=f"(r) : "f"(x), "f"(lo), "f"(hi));
+  return r;
+#else
+  return std::fmin(std::fmax(x, lo), hi);
+#endif
+}
+
+/// x is NaN (one FSETP on the GPU, written as PTX so that no .ftz form appears; see add_rn).
+__host__ __device__ inline bool is_nan(float x) {
+#ifdef __CUDA_ARCH__
+  unsigned r;
+  asm("{\n\t.reg .pred p;\n\tsetp.nan.f32 p, %1, %1;\n\tselp.u32 %0, 1, 0, p;\n\t}" : "=r"(r) : "f"(x));
+  return r != 0;
+#else
+  return (float_bits(x) & kAbsMask) > kInfBits;
+#endif
+}
+
+/// x > 0 (a positive subnormal included, +Inf included, NaN excluded), on the bits.
+__host__ __device__ inline bool is_positive(float x) { return float_bits(x) - 1u < kInfBits; }
+
 /// The scale of a group from its amax (the max of |x| over its finite values, 0 if none).
 __host__ __device__ inline float scale_from_amax(float amax) {
   const float s = div_rn(amax, Int8Codes::kMaxF);
-  return s > 0.0f ? s : 1.0f;
+  return is_positive(s) ? s : 1.0f;
 }
 
 /// A scale as every operation reads it: anything but a positive finite number is 1.
-__host__ __device__ inline float sanitize_scale(float s) { return (s > 0.0f && is_finite(s)) ? s : 1.0f; }
+__host__ __device__ inline float sanitize_scale(float s) { return (is_positive(s) && is_finite(s)) ? s : 1.0f; }
 
 /// Saturating round-half-to-even of a quotient to an int8 code. Clamps first, then rounds.
 __host__ __device__ inline std::int8_t saturate_round(float v) {
-  if (v != v) return 0;  // NaN
-  v = v < -Int8Codes::kMaxF ? -Int8Codes::kMaxF : v;
-  v = v > Int8Codes::kMaxF ? Int8Codes::kMaxF : v;
+  if (is_nan(v)) return 0;
+  v = clamp(v, -Int8Codes::kMaxF, Int8Codes::kMaxF);
 #ifdef __CUDA_ARCH__
-  return static_cast<std::int8_t>(__float2int_rn(v));
+  int q;
+  asm("cvt.rni.s32.f32 %0, %1;" : "=r"(q) : "f"(v));  // round half to even, no .ftz (see add_rn)
+  return static_cast<std::int8_t>(q);
 #else
   return static_cast<std::int8_t>(std::nearbyint(v));
 #endif
@@ -151,11 +228,14 @@ constexpr float kMaxFastScale = 0x1p126f;
 
 __host__ __device__ inline float reciprocal(float scale) {
 #ifdef __CUDA_ARCH__
-  const float r = __frcp_rn(scale);  // IEEE 1 / scale, round to nearest even: shorter than a division
+  float r;  // IEEE 1 / scale, round to nearest even: shorter than a division; no .ftz (see add_rn)
+  asm("rcp.rn.f32 %0, %1;" : "=f"(r) : "f"(scale));
 #else
   const float r = 1.0f / scale;
 #endif
-  return (scale >= kMinFastScale && scale <= kMaxFastScale) ? r : bits_to_float(0x7fc00000u);
+  // scale in [kMinFastScale, kMaxFastScale], on the bits: a negative or NaN scale is outside.
+  const std::uint32_t b = float_bits(scale);
+  return (b >= float_bits(kMinFastScale) && b <= float_bits(kMaxFastScale)) ? r : bits_to_float(0x7fc00000u);
 }
 
 /// 1.5 * 2^23: adding it to a float of magnitude below 2^22 rounds it to an integer (half to even),
@@ -190,15 +270,22 @@ constexpr float kRoundMagic = 12582912.0f;
 /// library itself still divides.
 __host__ __device__ inline std::uint32_t code_word(float x, float scale, float inv_scale, bool& exact) {
   float q = mul_rn(x, inv_scale);
-  q = fma_rn(fma_rn(-q, scale, x), inv_scale, q);
-  q = fma_rn(fma_rn(-q, scale, x), inv_scale, q);
-  exact = q == q;
-  const float c = fminf(fmaxf(q, -Int8Codes::kMaxF), Int8Codes::kMaxF);
+  q = fma_rn(fnma_rn(q, scale, x), inv_scale, q);
+  q = fma_rn(fnma_rn(q, scale, x), inv_scale, q);
+  exact = !is_nan(q);
+  const float c = clamp(q, -Int8Codes::kMaxF, Int8Codes::kMaxF);
   return float_bits(add_rn(c, kRoundMagic));  // low byte: the code, two's complement
 }
 
 /// The smallest group amax whose scale amax / 127 is inside the fast range (2^-93 / 127 > 2^-100).
 constexpr float kMinFastAmax = 0x1p-93f;
+
+/// Whether the scale of a group of fp16 / bf16 values with this amax (finite, >= 0) is 1 (amax 0)
+/// or inside the fast range, so that code_word_within_amax applies to the group. On the bits.
+__host__ __device__ inline bool lean_codes_apply(float amax) {
+  const std::uint32_t b = float_bits(amax);
+  return b == 0u || b >= float_bits(kMinFastAmax);
+}
 
 /// code_word for one case that covers most of the work: x is an fp16 or bf16 value of a group whose
 /// scale was computed from it (scale = scale_from_amax(amax), amax >= |x|), the scale is inside the
@@ -211,7 +298,7 @@ constexpr float kMinFastAmax = 0x1p-93f;
 /// fewer than code_word, no NaN test.
 __host__ __device__ inline std::uint32_t code_word_within_amax(float x, float scale, float inv_scale) {
   const float q = mul_rn(x, inv_scale);
-  return float_bits(add_rn(fma_rn(fma_rn(-q, scale, x), inv_scale, q), kRoundMagic));
+  return float_bits(add_rn(fma_rn(fnma_rn(q, scale, x), inv_scale, q), kRoundMagic));
 }
 
 __host__ __device__ inline std::int8_t quantize_by_reciprocal(float x, float scale, float inv_scale, bool& exact) {
@@ -237,4 +324,4 @@ __host__ __device__ inline T dequantize_value(std::int8_t q, float scale) {
   return from_float<T>(mul_rn(static_cast<float>(q), scale));
 }
 
-}  // namespace kvq
+KVQ_NAMESPACE_END

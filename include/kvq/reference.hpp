@@ -2,11 +2,16 @@
 //
 // The oracle the GPU tests compare against bit for bit, and the CPU baseline the benchmark reports
 // speedups over. Plain C++17 (g++ or nvcc's host pass); loops run in memory order, parallel over
-// independent rows or channel blocks when the translation unit is built with OpenMP.
+// independent rows or channel blocks when the translation unit is built with OpenMP. The two
+// builds are different functions (reference::parallel:: and reference::serial::, an inline
+// namespace chosen by _OPENMP), so TUs built with and without OpenMP can be linked together without
+// two meanings for one inline function; their results are the same, element for element.
 //
 // Same signatures, argument order, validation and error codes as the GPU API in quantize.cuh, with
 // host pointers; `spec.nonfinite_count`, when set, is a host counter.
 #pragma once
+
+#include <kvq/version.hpp>
 
 #include <kvq/numerics.hpp>
 #include <kvq/types.hpp>
@@ -14,18 +19,19 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace reference {
-namespace detail {
-
 // OpenMP is optional: without it the loops run serially and no pragma warning is raised.
 #if defined(_OPENMP)
+inline namespace parallel {
 #define KVQ_OMP_FOR _Pragma("omp parallel for schedule(static)")
 #define KVQ_OMP_FOR_COUNT _Pragma("omp parallel for reduction(+ : nonfinite) schedule(static)")
 #else
+inline namespace serial {
 #define KVQ_OMP_FOR
 #define KVQ_OMP_FOR_COUNT
 #endif
+namespace detail {
 
 /// Channels processed together by one thread in the per-channel reductions: a block of columns
 /// that is read row by row (memory order), small enough to keep its amax in L1.
@@ -55,12 +61,11 @@ unsigned long long compute_scales(const T* x, const KvView& v, const QuantSpec& 
   unsigned long long nonfinite = 0;
   if (spec.granularity == Granularity::kPerToken) {
     const std::int64_t group = group_length(v.channels, spec.group);
-    const std::int64_t ngroups = group_count(v.channels, spec.group);
     const std::int64_t rows = rows_of(v);
 KVQ_OMP_FOR_COUNT
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t b = r / v.tokens, t = r % v.tokens;
-      nonfinite += per_token_row_scales(x + v.offset(b, t, 0), v.channels, group, scales + r * ngroups);
+      nonfinite += per_token_row_scales(x + v.offset(b, t, 0), v.channels, group, scales + scale_offset(v, spec, b, t, 0));
     }
     return nonfinite;
   }
@@ -83,7 +88,7 @@ KVQ_OMP_FOR_COUNT
         amax[c - c0] = std::max(amax[c - c0], finite_abs_bits(xv));
       }
     }
-    float* srow = scales + (b * tgroups + tg) * v.channels;
+    float* srow = scales + scale_offset(v, spec, b, tg, 0);
     for (std::int64_t c = c0; c < c1; ++c) srow[c] = scale_from_amax(bits_to_float(amax[c - c0]));
   }
   return nonfinite;
@@ -96,14 +101,13 @@ unsigned long long quantize_with_scales(const T* x, const float* scales, const K
   const std::int64_t rows = rows_of(v);
   const bool per_token = spec.granularity == Granularity::kPerToken;
   const std::int64_t group = per_token ? group_length(v.channels, spec.group) : group_length(v.tokens, spec.group);
-  const std::int64_t ngroups = per_token ? group_count(v.channels, spec.group) : group_count(v.tokens, spec.group);
 KVQ_OMP_FOR_COUNT
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t b = r / v.tokens, t = r % v.tokens;
     const T* xr = x + v.offset(b, t, 0);
     std::int8_t* qr = q + v.offset(b, t, 0);
     if (per_token) {
-      const float* srow = scales + r * ngroups;
+      const float* srow = scales + scale_offset(v, spec, b, t, 0);
       for (std::int64_t c0 = 0, g = 0; c0 < v.channels; c0 += group, ++g) {
         const float s = sanitize_scale(srow[g]);
         const std::int64_t c1 = std::min(c0 + group, v.channels);
@@ -114,7 +118,7 @@ KVQ_OMP_FOR_COUNT
         }
       }
     } else {
-      const float* srow = scales + (b * ngroups + t / group) * v.channels;
+      const float* srow = scales + scale_offset(v, spec, b, t / group, 0);
       for (std::int64_t c = 0; c < v.channels; ++c) {
         const float xv = to_float(xr[c]);
         nonfinite += !is_finite(xv);
@@ -130,21 +134,20 @@ void dequantize(const std::int8_t* q, const float* scales, const KvView& v, cons
   const std::int64_t rows = rows_of(v);
   const bool per_token = spec.granularity == Granularity::kPerToken;
   const std::int64_t group = per_token ? group_length(v.channels, spec.group) : group_length(v.tokens, spec.group);
-  const std::int64_t ngroups = per_token ? group_count(v.channels, spec.group) : group_count(v.tokens, spec.group);
 KVQ_OMP_FOR
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t b = r / v.tokens, t = r % v.tokens;
     const std::int8_t* qr = q + v.offset(b, t, 0);
     T* yr = y + v.offset(b, t, 0);
     if (per_token) {
-      const float* srow = scales + r * ngroups;
+      const float* srow = scales + scale_offset(v, spec, b, t, 0);
       for (std::int64_t c0 = 0, g = 0; c0 < v.channels; c0 += group, ++g) {
         const float s = sanitize_scale(srow[g]);
         const std::int64_t c1 = std::min(c0 + group, v.channels);
         for (std::int64_t c = c0; c < c1; ++c) yr[c] = dequantize_value<T>(qr[c], s);
       }
     } else {
-      const float* srow = scales + (b * ngroups + t / group) * v.channels;
+      const float* srow = scales + scale_offset(v, spec, b, t / group, 0);
       for (std::int64_t c = 0; c < v.channels; ++c) yr[c] = dequantize_value<T>(qr[c], sanitize_scale(srow[c]));
     }
   }
@@ -160,8 +163,8 @@ inline void add_count(const QuantSpec& spec, unsigned long long n) {
 template <class T>
 cudaError_t compute_scales(const T* x,  // view over (batch, tokens, channels)
                            const KvView& view, const QuantSpec& spec,
-                           float* scales) {  // scale_shape(view, spec), contiguous
-  if (cudaError_t err = validate_arguments(view, spec, x, scales); err != cudaSuccess || view.empty()) return err;
+                           float* scales) {  // scale_shape(view, spec), at spec.scale_strides
+  if (cudaError_t err = validate_compute_scales(x, view, spec, scales); err != cudaSuccess || view.empty()) return err;
   detail::add_count(spec, detail::compute_scales(x, view, spec, scales));
   return cudaSuccess;
 }
@@ -171,8 +174,8 @@ template <class T>
 cudaError_t quantize(const T* x,  // view over (batch, tokens, channels)
                      const KvView& view, const QuantSpec& spec,
                      std::int8_t* q,  // same view as x
-                     float* scales) {  // scale_shape(view, spec), contiguous
-  if (cudaError_t err = validate_arguments(view, spec, x, q, scales); err != cudaSuccess || view.empty()) return err;
+                     float* scales) {  // scale_shape(view, spec), at spec.scale_strides
+  if (cudaError_t err = validate_quantize(x, view, spec, q, scales); err != cudaSuccess || view.empty()) return err;
   detail::add_count(spec, detail::compute_scales(x, view, spec, scales));
   detail::quantize_with_scales(x, scales, view, spec, q);
   return cudaSuccess;
@@ -181,10 +184,10 @@ cudaError_t quantize(const T* x,  // view over (batch, tokens, channels)
 /// q <- codes of x under given (calibrated) scales: the paper's path.
 template <class T>
 cudaError_t quantize_with_scales(const T* x,  // view over (batch, tokens, channels)
-                                 const float* scales,  // scale_shape(view, spec), contiguous
+                                 const float* scales,  // scale_shape(view, spec), at spec.scale_strides
                                  const KvView& view, const QuantSpec& spec,
                                  std::int8_t* q) {  // same view as x
-  if (cudaError_t err = validate_arguments(view, spec, x, scales, q); err != cudaSuccess || view.empty()) return err;
+  if (cudaError_t err = validate_quantize_with_scales(x, scales, view, spec, q); err != cudaSuccess || view.empty()) return err;
   detail::add_count(spec, detail::quantize_with_scales(x, scales, view, spec, q));
   return cudaSuccess;
 }
@@ -192,13 +195,17 @@ cudaError_t quantize_with_scales(const T* x,  // view over (batch, tokens, chann
 /// y <- float(q) * scale, rounded to T.
 template <class T>
 cudaError_t dequantize(const std::int8_t* q,  // view over (batch, tokens, channels)
-                       const float* scales,  // scale_shape(view, spec), contiguous
+                       const float* scales,  // scale_shape(view, spec), at spec.scale_strides
                        const KvView& view, const QuantSpec& spec,
                        T* y) {  // same view as q
-  if (cudaError_t err = validate_arguments(view, spec, q, scales, y); err != cudaSuccess || view.empty()) return err;
+  if (cudaError_t err = validate_dequantize(q, scales, view, spec, y); err != cudaSuccess || view.empty()) return err;
   detail::dequantize(q, scales, view, spec, y);
   return cudaSuccess;
 }
 
+}  // namespace parallel or serial
 }  // namespace reference
-}  // namespace kvq
+KVQ_NAMESPACE_END
+
+#undef KVQ_OMP_FOR
+#undef KVQ_OMP_FOR_COUNT

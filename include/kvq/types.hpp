@@ -4,13 +4,15 @@
 // an engine can validate its arguments (and tests can check validation) on any machine.
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <driver_types.h>  // cudaError_t
 
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 
 /// Which elements share one scale.
 enum class Granularity {
@@ -54,6 +56,18 @@ constexpr KvView contiguous_view(std::int64_t tokens, std::int64_t channels) noe
   return KvView{1, tokens, channels, tokens * channels, channels};
 }
 
+/// Where the scales live: scale (b, r, c) of scale_shape() is at
+/// scales[b * batch_stride + r * row_stride + c], strides in elements, columns contiguous. A stride
+/// of 0 (the default) means the contiguous one: row_stride = cols, batch_stride = rows * row_stride.
+/// Examples, for per-token scales of a [T, H, D] cache seen per head (batch = H, one scale per row):
+///   contiguous [H, T]                  : {}            (or {T, 1})
+///   [H, T_max] (a capacity, not T)     : {T_max, 1}
+///   [T, H] (vLLM's per token-head)     : {1, H}
+struct ScaleStrides {
+  std::int64_t batch_stride = 0;
+  std::int64_t row_stride = 0;
+};
+
 /// How to quantize.
 struct QuantSpec {
   Granularity granularity = Granularity::kPerChannel;
@@ -64,6 +78,8 @@ struct QuantSpec {
   /// Optional counter, in the memory the operation runs on (device memory for the GPU API, host
   /// memory for the reference): each quantizing call adds the number of NaN/Inf inputs it read.
   unsigned long long* nonfinite_count = nullptr;
+  /// The layout of the scale array (default: contiguous in scale_shape()).
+  ScaleStrides scale_strides = {};
 };
 
 /// Number of scale groups along one axis of length `extent` (extent > 0).
@@ -95,6 +111,21 @@ constexpr ScaleShape scale_shape(const KvView& view, const QuantSpec& spec) noex
 /// Number of fp32 scales an operation reads or writes.
 constexpr std::int64_t scale_count(const KvView& view, const QuantSpec& spec) noexcept {
   return view.empty() ? 0 : scale_shape(view, spec).size();
+}
+
+/// spec.scale_strides with its zeros replaced by the contiguous strides of scale_shape(view, spec).
+constexpr ScaleStrides scale_strides(const KvView& view, const QuantSpec& spec) noexcept {
+  const ScaleShape shape = scale_shape(view, spec);
+  const std::int64_t row = spec.scale_strides.row_stride != 0 ? spec.scale_strides.row_stride : shape.cols;
+  const std::int64_t batch = spec.scale_strides.batch_stride != 0 ? spec.scale_strides.batch_stride : shape.rows * row;
+  return ScaleStrides{batch, row};
+}
+
+/// Element offset of scale (b, r, c) of scale_shape(view, spec) in the scale array.
+constexpr std::int64_t scale_offset(const KvView& view, const QuantSpec& spec, std::int64_t b, std::int64_t r,
+                                    std::int64_t c) noexcept {
+  const ScaleStrides st = scale_strides(view, spec);
+  return b * st.batch_stride + r * st.row_stride + c;
 }
 
 namespace detail {
@@ -140,9 +171,28 @@ inline bool is_aligned(const P* p, std::size_t bytes) noexcept {
 
 }  // namespace detail
 
+namespace detail {
+/// The scale array of a (valid, non-empty) view as a view of its own: (batch, rows, cols).
+constexpr KvView scale_view(const KvView& view, const QuantSpec& spec) noexcept {
+  const ScaleShape shape = scale_shape(view, spec);
+  const ScaleStrides st = scale_strides(view, spec);
+  return KvView{shape.batch, shape.rows, shape.cols, st.batch_stride, st.row_stride};
+}
+}  // namespace detail
+
+/// Number of floats the scale array spans, from scale (0, 0, 0) to the last one inclusive: what to
+/// allocate for it (scale_count() when the scales are contiguous). For a valid view and spec; 0 for
+/// an empty view.
+constexpr std::int64_t scale_extent(const KvView& view, const QuantSpec& spec) noexcept {
+  if (view.empty()) return 0;
+  const ScaleShape shape = scale_shape(view, spec);
+  return scale_offset(view, spec, shape.batch - 1, shape.rows - 1, shape.cols - 1) + 1;
+}
+
 /// Checks a view and spec. Returns cudaSuccess, or cudaErrorInvalidValue for a negative size, a
 /// negative group, a negative stride, strides under which two elements would share an address
-/// (token_stride < channels, for example), or a view whose offsets overflow int64.
+/// (token_stride < channels, for example), or a view whose offsets overflow int64; the same for
+/// the scale strides (negative, two scales at one address, overflow).
 /// An empty view is valid (and every operation on it is a no-op).
 inline cudaError_t validate(const KvView& view, const QuantSpec& spec) noexcept {
   if (view.batch < 0 || view.tokens < 0 || view.channels < 0) return cudaErrorInvalidValue;
@@ -158,6 +208,13 @@ inline cudaError_t validate(const KvView& view, const QuantSpec& spec) noexcept 
     return cudaErrorInvalidValue;
   if (detail::max_offset(view) < 0) return cudaErrorInvalidValue;
   if (!detail::strides_do_not_overlap(view)) return cudaErrorInvalidValue;
+  if (spec.scale_strides.batch_stride < 0 || spec.scale_strides.row_stride < 0) return cudaErrorInvalidValue;
+  const ScaleShape shape = scale_shape(view, spec);
+  if (spec.scale_strides.batch_stride == 0 && spec.scale_strides.row_stride != 0 &&
+      detail::mul_overflows(shape.rows, spec.scale_strides.row_stride, &n))
+    return cudaErrorInvalidValue;  // the default batch stride, rows * row_stride, would overflow
+  const KvView sv = detail::scale_view(view, spec);
+  if (detail::max_offset(sv) < 0 || !detail::strides_do_not_overlap(sv)) return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
@@ -183,6 +240,84 @@ inline cudaError_t validate_arguments(const KvView& view, const QuantSpec& spec,
   return cudaSuccess;
 }
 
+namespace detail {
+
+/// The bytes [begin, end) from an operand's first element to its last.
+struct ByteRange {
+  std::uintptr_t begin = 0, end = 0;
+};
+
+inline bool overlap(ByteRange a, ByteRange b) noexcept { return a.begin < b.end && b.begin < a.end; }
+
+/// Bytes spanned by a (valid, non-empty) view of elements of E at p.
+template <class E>
+inline ByteRange view_bytes(const E* p, const KvView& v) noexcept {
+  const auto begin = reinterpret_cast<std::uintptr_t>(p);
+  return {begin, begin + static_cast<std::uintptr_t>(max_offset(v) + 1) * sizeof(E)};
+}
+
+/// Bytes spanned by the scales of a (valid, non-empty) view.
+inline ByteRange scale_bytes(const float* s, const KvView& v, const QuantSpec& spec) noexcept {
+  return view_bytes(s, scale_view(v, spec));
+}
+
+/// cudaErrorInvalidValue when output `out` shares a byte with any of `others` (the operation's
+/// inputs and its other output): the kernels read and write through __restrict__ pointers, so such
+/// a call has no defined result. Judged on each operand's span, first element to last, which is
+/// what the host can tell without walking the strides: operands interleaved in one buffer are
+/// refused too.
+template <class... Ranges>
+inline cudaError_t validate_disjoint(ByteRange out, Ranges... others) noexcept {
+  const bool any = (overlap(out, others) || ...);
+  return any ? cudaErrorInvalidValue : cudaSuccess;
+}
+
+}  // namespace detail
+
+/// What compute_scales() checks, here and in the CPU reference: validate_arguments(), then
+/// cudaErrorInvalidValue when the scales overlap x.
+template <class T>
+inline cudaError_t validate_compute_scales(const T* x, const KvView& view, const QuantSpec& spec,
+                                           const float* scales) noexcept {
+  cudaError_t err = validate_arguments(view, spec, x, scales);
+  if (err != cudaSuccess || view.empty()) return err;
+  return detail::validate_disjoint(detail::scale_bytes(scales, view, spec), detail::view_bytes(x, view));
+}
+
+/// What quantize() checks: validate_arguments(), then that q and the scales overlap neither x nor
+/// each other.
+template <class T>
+inline cudaError_t validate_quantize(const T* x, const KvView& view, const QuantSpec& spec, const std::int8_t* q,
+                                     const float* scales) noexcept {
+  cudaError_t err = validate_arguments(view, spec, x, q, scales);
+  if (err != cudaSuccess || view.empty()) return err;
+  const detail::ByteRange xs = detail::view_bytes(x, view), qs = detail::view_bytes(q, view),
+                          ss = detail::scale_bytes(scales, view, spec);
+  err = detail::validate_disjoint(qs, xs, ss);
+  return err != cudaSuccess ? err : detail::validate_disjoint(ss, xs);
+}
+
+/// What quantize_with_scales() checks: validate_arguments(), then that q overlaps neither x nor
+/// the scales.
+template <class T>
+inline cudaError_t validate_quantize_with_scales(const T* x, const float* scales, const KvView& view,
+                                                 const QuantSpec& spec, const std::int8_t* q) noexcept {
+  cudaError_t err = validate_arguments(view, spec, x, scales, q);
+  if (err != cudaSuccess || view.empty()) return err;
+  return detail::validate_disjoint(detail::view_bytes(q, view), detail::view_bytes(x, view),
+                                   detail::scale_bytes(scales, view, spec));
+}
+
+/// What dequantize() checks: validate_arguments(), then that y overlaps neither q nor the scales.
+template <class T>
+inline cudaError_t validate_dequantize(const std::int8_t* q, const float* scales, const KvView& view,
+                                       const QuantSpec& spec, const T* y) noexcept {
+  cudaError_t err = validate_arguments(view, spec, q, scales, y);
+  if (err != cudaSuccess || view.empty()) return err;
+  return detail::validate_disjoint(detail::view_bytes(y, view), detail::view_bytes(q, view),
+                                   detail::scale_bytes(scales, view, spec));
+}
+
 /// Short name for messages, benchmark labels and test names.
 constexpr const char* to_string(Variant v) noexcept {
   switch (v) {
@@ -199,4 +334,4 @@ constexpr const char* to_string(Granularity g) noexcept {
   return g == Granularity::kPerToken ? "per_token" : "per_channel";
 }
 
-}  // namespace kvq
+KVQ_NAMESPACE_END

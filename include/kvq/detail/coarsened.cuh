@@ -7,11 +7,12 @@
 // no operand allows a wider access.
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <kvq/detail/tile_kernels.cuh>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 
 struct CoarsenedPolicy {
   static constexpr int kThreads = 256;
@@ -23,6 +24,5 @@ struct CoarsenedPolicy {
 
 using CoarsenedStrategy = TileStrategy<CoarsenedPolicy>;
 
-}  // namespace v0_1
 }  // namespace detail
-}  // namespace kvq
+KVQ_NAMESPACE_END

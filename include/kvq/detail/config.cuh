@@ -1,6 +1,8 @@
 // kvq/detail/config.cuh: namespaces, kernel attributes and small host/device helpers.
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -9,9 +11,8 @@
 // include (possibly different versions of) kvq cannot collide on a kernel symbol.
 #define KVQ_KERNEL __global__ __attribute__((visibility("hidden")))
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 
 /// Returns the first error of a sequence of CUDA calls: `KVQ_TRY(cudaMemsetAsync(...));`
 #define KVQ_TRY(expr)                                   \
@@ -58,6 +59,5 @@ struct FastDivmod {
   }
 };
 
-}  // namespace v0_1
 }  // namespace detail
-}  // namespace kvq
+KVQ_NAMESPACE_END

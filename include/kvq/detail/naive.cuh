@@ -6,11 +6,12 @@
 // long (every element of a group hits the same address) and never chosen by Variant::kAuto.
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <kvq/detail/tile_kernels.cuh>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 
 struct NaivePolicy {
   static constexpr int kThreads = 256;  // any multiple of the warp size does; 256 was not worse on the H200
@@ -21,10 +22,11 @@ struct NaiveIndex {
   std::int64_t batch, tokens, channels, batch_stride, token_stride;
   std::int64_t group, groups;
   bool per_token;
+  ScaleRows scale_rows;
 
   NaiveIndex(const KvView& v, const QuantSpec& s)
       : batch(v.batch), tokens(v.tokens), channels(v.channels), batch_stride(v.batch_stride),
-        token_stride(v.token_stride), per_token(s.granularity == Granularity::kPerToken) {
+        token_stride(v.token_stride), per_token(s.granularity == Granularity::kPerToken), scale_rows(v, s) {
     group = per_token ? group_length(v.channels, s.group) : group_length(v.tokens, s.group);
     groups = per_token ? group_count(v.channels, s.group) : group_count(v.tokens, s.group);
   }
@@ -34,7 +36,7 @@ struct NaiveIndex {
     const std::int64_t c = i % channels, row = i / channels;
     const std::int64_t t = row % tokens, b = row / tokens;
     offset = b * batch_stride + t * token_stride + c;
-    scale = per_token ? row * groups + c / group : (b * groups + t / group) * channels + c;
+    scale = per_token ? scale_rows.base(row) + c / group : scale_rows.base(b * groups + t / group) + c;
   }
 };
 
@@ -95,12 +97,11 @@ struct NaiveStrategy {
   template <class T>
   static cudaError_t compute_scales(const T* x, const KvView& view, const QuantSpec& spec, float* scales,
                                     cudaStream_t stream) {
-    const std::int64_t n = scale_count(view, spec);
-    KVQ_TRY(cudaMemsetAsync(scales, 0, static_cast<std::size_t>(n) * sizeof(float), stream));
+    KVQ_TRY(scale_step<ScaleStep::kZero>(scales, view, spec, stream));
     naive_amax_kernel<<<grid(view), NaivePolicy::kThreads, 0, stream>>>(
         x, NaiveIndex(view, spec), reinterpret_cast<unsigned int*>(scales), spec.nonfinite_count);
     KVQ_TRY(check_launch());
-    return finalize_scales(scales, n, stream);
+    return scale_step<ScaleStep::kFinalize>(scales, view, spec, stream);
   }
 
   template <class T>
@@ -119,6 +120,5 @@ struct NaiveStrategy {
   }
 };
 
-}  // namespace v0_1
 }  // namespace detail
-}  // namespace kvq
+KVQ_NAMESPACE_END

@@ -19,6 +19,8 @@
 //   row_apply_kernel   codes under given per-row scales, or values of codes
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <kvq/detail/vector_kernels.cuh>
 
 #include <algorithm>
@@ -26,9 +28,8 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 
 /// What a row kernel does with a row: its plan depends on it (plan_rows).
 enum class RowOp {
@@ -47,6 +48,7 @@ struct RowPlan {
   int units_per_thread;  // the kernel's kUnits: 1, 2 or 4
   bool flat;             // row r starts at r * token_stride (one batch, or batches back to back)
   FastDivmod token_div;  // flattened row -> (batch, token), where not flat
+  ScaleRows scale_rows;  // where row r's scale lives: scale_rows.base(r)
 
   std::int64_t threads() const { return rows << lanes_log2; }
 
@@ -65,7 +67,7 @@ struct RowPlan {
 /// Policy::kTargetThreads threads; a call too small for that takes fewer units per thread (more
 /// threads, each with less to do), down to one, or to what fits a row in a warp.
 template <class Policy>
-inline bool plan_rows(const KvView& view, int V, RowOp op, RowPlan& p) {
+inline bool plan_rows(const KvView& view, const QuantSpec& spec, int V, RowOp op, RowPlan& p) {
   const std::int64_t units = view.channels / V;
   const std::int64_t rows = view.batch * view.tokens;
   if (units > Policy::kMaxRowUnits || rows > INT32_MAX) return false;
@@ -87,6 +89,7 @@ inline bool plan_rows(const KvView& view, int V, RowOp op, RowPlan& p) {
   p.lanes_log2 = log2_exact(pow2_ceil(ceil_div<std::int64_t>(units, chosen)));
   p.flat = view.batch == 1 || view.batch_stride == view.tokens * view.token_stride;
   p.token_div = FastDivmod(static_cast<std::uint32_t>(view.tokens));
+  p.scale_rows = ScaleRows(view, spec);
   return true;
 }
 
@@ -117,7 +120,7 @@ template <class Policy, int V, int kUnits, class T>
 KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     row_scales_kernel(const T* __restrict__ x,  // view (batch, tokens, channels)
                       RowPlan p,
-                      float* __restrict__ scales,   // (batch * tokens)
+                      float* __restrict__ scales,   // (batch * tokens), at p.scale_rows
                       std::int8_t* __restrict__ q,  // same view as x, or null
                       unsigned long long* nonfinite) {  // optional counter
   const RowThread t(p);
@@ -148,7 +151,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
   // order as the floats do.
   m = device::warp_max_bits(m, t.row_mask);
   const float amax = bits_to_float(m), scale = scale_from_amax(amax);
-  if (t.valid && t.lane == 0) scales[t.row] = scale;
+  if (t.valid && t.lane == 0) scales[p.scale_rows.base(t.row)] = scale;
 
   if (q != nullptr && t.valid) {
     const float inv = reciprocal(scale);
@@ -160,7 +163,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     }
     // This thread's values are finite and the row's scale came from them: 16-bit data may take
     // the lean arithmetic when the scale is in the fast range.
-    const bool within_amax = bad == 0 && (amax == 0.0f || amax >= kMinFastAmax);
+    const bool within_amax = bad == 0 && lean_codes_apply(amax);
     std::int8_t* q_row = q + offset;
     with_codes_path<T>(within_amax, [&](auto lean) {
 #pragma unroll
@@ -177,14 +180,14 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
 template <class Policy, int V, int kUnits, class In, class Out>
 KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     row_apply_kernel(const In* __restrict__ in,        // view (batch, tokens, channels)
-                     const float* __restrict__ scales,  // (batch * tokens)
+                     const float* __restrict__ scales,  // (batch * tokens), at p.scale_rows
                      RowPlan p,
                      Out* __restrict__ out,  // same view
                      unsigned long long* nonfinite) {  // optional counter (quantize only)
   constexpr bool kDequantize = std::is_same_v<In, std::int8_t>;
   const RowThread t(p);
   if (!t.valid) return;  // no reduction here, so threads past the last row can leave
-  const float scale = sanitize_scale(scales[t.row]);
+  const float scale = sanitize_scale(scales[p.scale_rows.base(t.row)]);
   const std::int64_t offset = p.row_offset(t.row);
   device::Bits<V, In> v[kUnits];
 #pragma unroll
@@ -214,6 +217,5 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
   if (bad != 0) atomicAdd(nonfinite, bad);
 }
 
-}  // namespace v0_1
 }  // namespace detail
-}  // namespace kvq
+KVQ_NAMESPACE_END

@@ -7,15 +7,16 @@
 // produces the reference's scales bit for bit.
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <kvq/detail/tile_plan.cuh>
 #include <kvq/device.cuh>
 
 #include <cstdint>
 #include <type_traits>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 
 using device::Fragment;
 
@@ -77,10 +78,10 @@ __device__ inline std::int64_t slot_scale_index(const TilePlan& p, const TileCoo
   if constexpr (kPerToken) {
     const int row_local = s / p.slots_per_row, g = s % p.slots_per_row;
     if (row_local >= tc.rows || static_cast<std::int64_t>(g) * p.group >= tc.cols) return -1;
-    return (tc.row0 + row_local) * p.groups + tc.c0 / p.group + g;
+    return p.scale_rows.base(tc.row0 + row_local) + tc.c0 / p.group + g;
   } else {
     if (s >= tc.cols) return -1;
-    return (tc.b * p.groups + tc.scale_row) * p.channels + tc.c0 + s;
+    return p.scale_rows.base(tc.b * p.groups + tc.scale_row) + tc.c0 + s;
   }
 }
 
@@ -401,13 +402,22 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
   if (bad != 0) atomicAdd(nonfinite, bad);
 }
 
-/// scales[i] <- scale_from_amax(amax whose bits scales[i] holds): the end of the two-pass path.
-/// (A template only so that every translation unit may define it: kernels cannot be `inline`.)
-template <int kUnused = 0>
-KVQ_KERNEL void finalize_scales_kernel(float* __restrict__ scales, std::int64_t n) {
+/// What scale_kernel does to each scale of a call.
+enum class ScaleStep {
+  kZero,      ///< 0: the start of an atomic amax
+  kFinalize,  ///< scale_from_amax(the amax whose bits the scale holds): the end of the two-pass path
+};
+
+/// Every scale of a call (rows flattened scale rows of `cols` each, where `at` says), one step.
+/// (A template in any case, so that every translation unit may define it: kernels cannot be `inline`.)
+template <ScaleStep kStep>
+KVQ_KERNEL void scale_kernel(float* __restrict__ scales, ScaleRows at, std::int64_t rows, std::int64_t cols) {
+  const std::int64_t n = rows * cols;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    scales[i] = scale_from_amax(scales[i]);
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    float& s = scales[at.base(i / cols) + i % cols];
+    s = kStep == ScaleStep::kZero ? 0.0f : scale_from_amax(s);
+  }
 }
 
 /// Blocks for a grid-stride loop over `work` items: all of them up to the hardware limit.
@@ -415,9 +425,17 @@ inline unsigned grid_for(std::int64_t work) {
   return static_cast<unsigned>(std::min<std::int64_t>(std::max<std::int64_t>(work, 1), std::int64_t{1} << 30));
 }
 
-inline cudaError_t finalize_scales(float* scales, std::int64_t n, cudaStream_t stream) {
+/// Applies `step` to every scale of a call, and only to them: scales with gaps between rows
+/// (QuantSpec::scale_strides) keep what the gaps hold. Contiguous scales are zeroed by a memset.
+template <ScaleStep kStep>
+inline cudaError_t scale_step(float* scales, const KvView& view, const QuantSpec& spec, cudaStream_t stream) {
+  const ScaleShape shape = scale_shape(view, spec);
+  const std::int64_t rows = shape.batch * shape.rows, n = rows * shape.cols;
+  if (kStep == ScaleStep::kZero && contiguous_scales(view, spec))
+    return cudaMemsetAsync(scales, 0, static_cast<std::size_t>(n) * sizeof(float), stream);
   constexpr int kThreads = 256;
-  finalize_scales_kernel<><<<grid_for(ceil_div<std::int64_t>(n, kThreads)), kThreads, 0, stream>>>(scales, n);
+  scale_kernel<kStep><<<grid_for(ceil_div<std::int64_t>(n, kThreads)), kThreads, 0, stream>>>(
+      scales, ScaleRows(view, spec), rows, shape.cols);
   return check_launch();
 }
 
@@ -490,6 +508,5 @@ struct TileStrategy {
   }
 };
 
-}  // namespace v0_1
 }  // namespace detail
-}  // namespace kvq
+KVQ_NAMESPACE_END

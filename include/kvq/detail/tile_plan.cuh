@@ -11,16 +11,18 @@
 //                with atomicMax (the two-pass path).
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <kvq/detail/config.cuh>
+#include <kvq/detail/scale_rows.cuh>
 #include <kvq/types.hpp>
 
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 
 /// Scales one tile may touch; 8 KiB of shared memory.
 constexpr int kMaxSlots = 2048;
@@ -52,6 +54,7 @@ struct TilePlan {
   FastDivmod unit_div;                // divides a unit index by vecs_per_row
   FastDivmod token_div;               // divides a flattened row index by tokens (rows < 2^31)
   FastDivmod group_div;               // divides a channel offset by group (per-token)
+  ScaleRows scale_rows;               // where each scale row lives
 };
 
 inline std::int64_t pow2_floor(std::int64_t x) {
@@ -86,6 +89,7 @@ inline TilePlan plan_tiles(const KvView& view, const QuantSpec& spec, TileMode m
   p.batch_stride = view.batch_stride;
   p.token_stride = view.token_stride;
   p.per_token = spec.granularity == Granularity::kPerToken;
+  p.scale_rows = ScaleRows(view, spec);
   const std::int64_t chunk_units = static_cast<std::int64_t>(threads) * items;
   const std::int64_t D = view.channels;
 
@@ -160,6 +164,5 @@ inline int choose_vector_width(const KvView& view, int v_max, const void* a, int
   return 1;
 }
 
-}  // namespace v0_1
 }  // namespace detail
-}  // namespace kvq
+KVQ_NAMESPACE_END

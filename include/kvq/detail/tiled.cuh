@@ -7,11 +7,12 @@
 // whose stage holds the most elements when registers are scarce.
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <kvq/detail/tile_kernels.cuh>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 
 struct TiledPolicy {
   static constexpr int kThreads = 256;
@@ -23,6 +24,5 @@ struct TiledPolicy {
 
 using TiledStrategy = TileStrategy<TiledPolicy>;
 
-}  // namespace v0_1
 }  // namespace detail
-}  // namespace kvq
+KVQ_NAMESPACE_END

@@ -22,6 +22,8 @@
 // one-pass kernels keep up with memory on fp16 and bf16.
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <kvq/detail/tile_plan.cuh>
 #include <kvq/device.cuh>
 
@@ -30,9 +32,8 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 
 using device::Fragment;
 
@@ -55,6 +56,7 @@ struct VectorPlan {
                                // or -1 when a row's group spans several warps
   FastDivmod token_div;        // flattened row -> (batch, token)
   FastDivmod group_div;        // token -> token group (per-channel), channel -> group (per-token)
+  ScaleRows scale_rows;        // where each scale row lives
 
   __device__ std::int64_t row_offset(std::uint32_t r) const {
     std::uint32_t b, t;
@@ -90,6 +92,7 @@ inline VectorPlan plan_vector_apply(const KvView& view, const QuantSpec& spec, i
   p.batch_stride = view.batch_stride;
   p.token_stride = view.token_stride;
   p.units = static_cast<int>(view.channels / V);
+  p.scale_rows = ScaleRows(view, spec);
   const std::int64_t lanes = std::min<std::int64_t>(threads, pow2_ceil(p.units));
   p.lanes_log2 = log2_exact(lanes);
   p.col_items = 1;
@@ -294,9 +297,9 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, std::is_same_v<In, std::int8
     if constexpr (!kPerToken) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        scale[j] = sanitize_scale(scales[scale_row * p.channels + c + j]);
+        scale[j] = sanitize_scale(scales[p.scale_rows.base(scale_row) + c + j]);
         if constexpr (!kDequantize) inv[j] = reciprocal(scale[j]);
-        if constexpr (kWithinAmax) fast_scales &= inv[j] == inv[j];
+        if constexpr (kWithinAmax) fast_scales &= !is_nan(inv[j]);
       }
     }
     while (r0 < r_end) {
@@ -305,7 +308,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, std::is_same_v<In, std::int8
         const std::int64_t r = r0 + k * row_lanes;
         if (r >= r_end) break;
         if constexpr (kPerToken) {
-          const float s = sanitize_scale(scales[r * p.groups + group_of_c]);
+          const float s = sanitize_scale(scales[p.scale_rows.base(r) + group_of_c]);
           const float rs = kDequantize ? 0.0f : reciprocal(s);
 #pragma unroll
           for (int j = 0; j < V; ++j) {
@@ -360,7 +363,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
                                                                                : Policy::kMinBlocksPerSM)
     channel_scales_kernel(const T* __restrict__ x,  // view (batch, tokens, channels)
                           VectorPlan p,
-                          float* __restrict__ scales,  // [batch, groups, channels]
+                          float* __restrict__ scales,  // [batch, groups, channels] (p.scale_rows)
                           std::int8_t* __restrict__ q,  // same view as x, or null (kScales only)
                           unsigned long long* nonfinite) {  // optional counter
   constexpr int kThreads = Policy::kThreads, kItems = Policy::kItems, kRowItems = Policy::kChannelRowItems;
@@ -450,14 +453,14 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
 #pragma unroll
     for (int j = 0; j < V; ++j)
       for (int off = lanes; off < kWarpSize; off <<= 1)
-        colmax[j] = fmaxf(colmax[j], __shfl_xor_sync(kFullMask, colmax[j], off));
+        colmax[j] = max_amax(colmax[j], __shfl_xor_sync(kFullMask, colmax[j], off));
     const bool warp_leader = (tid % kWarpSize) < lanes;  // first row lane of this warp
-    auto* scale_bits = reinterpret_cast<unsigned int*>(scales) + scale_row * p.channels;
+    auto* scale_bits = reinterpret_cast<unsigned int*>(scales) + p.scale_rows.base(scale_row);
     if (!scales_mode && lanes == kThreads) {  // one row lane: each channel has one thread in the block
       if (active)
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          if (colmax[j] != 0.0f) atomicMax(scale_bits + c + j, float_bits(colmax[j]));
+          if (float_bits(colmax[j]) != 0u) atomicMax(scale_bits + c + j, float_bits(colmax[j]));
     } else {
       // The tile's warps meet in shared memory. kAtomicAmax then makes one global atomic per
       // channel and tile: narrow views (decode sizes) have thousands of tiles on the same few
@@ -465,7 +468,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
       if (active && warp_leader)
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          if (colmax[j] != 0.0f) atomicMax(&amax_bits[lane * V + j], float_bits(colmax[j]));
+          if (float_bits(colmax[j]) != 0u) atomicMax(&amax_bits[lane * V + j], float_bits(colmax[j]));
       __syncthreads();
       if constexpr (!scales_mode) {
         const std::int64_t first_c = ((tile % p.col_tiles) << p.lanes_log2) * V;  // the tile's first channel
@@ -485,7 +488,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
         const float s = scale_from_amax(bits_to_float(amax_bits[k]));
         amax_bits[k] = float_bits(s);
         tile_inv[k] = reciprocal(s);
-        if (first_c + k < p.channels) scales[scale_row * p.channels + first_c + k] = s;
+        if (first_c + k < p.channels) scales[p.scale_rows.base(scale_row) + first_c + k] = s;
       }
       __syncthreads();
       Fragment<float, V> scale, inv;
@@ -496,7 +499,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
       for (int j = 0; j < V; ++j) {
         scale[j] = bits_to_float(amax_bits[lane * V + j]);
         inv[j] = tile_inv[lane * V + j];
-        within_amax &= inv[j] == inv[j];
+        within_amax &= !is_nan(inv[j]);
       }
       if (active && q != nullptr) {
         std::int8_t* q_base = q + b * p.batch_stride + c;
@@ -525,7 +528,7 @@ template <class Policy, int V, int kColItems, class T>
 KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
     token_scales_kernel(const T* __restrict__ x,  // view (batch, tokens, channels)
                         VectorPlan p,
-                        float* __restrict__ scales,  // [batch * tokens, groups]
+                        float* __restrict__ scales,  // [batch * tokens, groups] (p.scale_rows)
                         std::int8_t* __restrict__ q,  // same view as x, or null
                         unsigned long long* nonfinite) {  // optional counter
   constexpr int kThreads = Policy::kThreads;
@@ -567,14 +570,14 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
       }
     }
 
-    // Group amax. Values are finite and non-negative, so fmaxf is exact and order-free.
+    // Group amax. Values are finite and non-negative, so max_amax is exact and order-free.
     if (p.seg_log2 >= 0 && p.row_group) {  // each row lies in the `seg` lanes of one warp
 #pragma unroll
       for (int i = 0; i < kRowItems; ++i) {
         float m = amax[i][0];
 #pragma unroll
-        for (int j = 1; j < kColItems; ++j) m = fmaxf(m, amax[i][j]);
-        for (int off = 1; off < (1 << p.seg_log2); off <<= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, off));
+        for (int j = 1; j < kColItems; ++j) m = max_amax(m, amax[i][j]);
+        for (int off = 1; off < (1 << p.seg_log2); off <<= 1) m = max_amax(m, __shfl_xor_sync(kFullMask, m, off));
 #pragma unroll
         for (int j = 0; j < kColItems; ++j) amax[i][j] = m;
       }
@@ -584,13 +587,13 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
 #pragma unroll
         for (int j = 0; j < kColItems; ++j)
           for (int off = 1; off < (1 << p.seg_log2); off <<= 1)
-            amax[i][j] = fmaxf(amax[i][j], __shfl_xor_sync(kFullMask, amax[i][j], off));
+            amax[i][j] = max_amax(amax[i][j], __shfl_xor_sync(kFullMask, amax[i][j], off));
     } else {  // one group per row, across lanes / 32 warps
 #pragma unroll
       for (int i = 0; i < kRowItems; ++i) {
         float m = amax[i][0];
 #pragma unroll
-        for (int j = 1; j < kColItems; ++j) m = fmaxf(m, amax[i][j]);
+        for (int j = 1; j < kColItems; ++j) m = max_amax(m, amax[i][j]);
         m = bits_to_float(device::warp_max_bits(float_bits(m)));
         if (tid % kWarpSize == 0) warp_amax[i][warp] = m;
       }
@@ -599,7 +602,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
 #pragma unroll
       for (int i = 0; i < kRowItems; ++i) {
         float m = 0.0f;
-        for (int w = first; w < first + lanes / kWarpSize; ++w) m = fmaxf(m, warp_amax[i][w]);
+        for (int w = first; w < first + lanes / kWarpSize; ++w) m = max_amax(m, warp_amax[i][w]);
 #pragma unroll
         for (int j = 0; j < kColItems; ++j) amax[i][j] = m;
       }
@@ -614,7 +617,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
         const std::int64_t r = row0 + static_cast<std::int64_t>(i) * row_lanes;
         if (r >= p.rows) break;
         std::int8_t* q_row = q + (q != nullptr ? p.row_offset(static_cast<std::uint32_t>(r)) + lane * V : 0);
-        float* s_row = scales + r * p.groups;
+        float* s_row = scales + p.scale_rows.base(r);
         // A row-wide group has one scale for all j: two divisions per row item, not per unit.
         float scale = scale_from_amax(amax[i][0]), inv = reciprocal(scale);
 #pragma unroll
@@ -644,13 +647,12 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
 #pragma unroll
       for (int i = 0; i < kRowItems; ++i)
 #pragma unroll
-        for (int j = 0; j < kColItems; ++j) within_amax &= amax[i][j] == 0.0f || amax[i][j] >= kMinFastAmax;
+        for (int j = 0; j < kColItems; ++j) within_amax &= lean_codes_apply(amax[i][j]);
     }
     with_codes_path<T>(within_amax, write);
   }
   if (bad != 0 && nonfinite != nullptr) atomicAdd(nonfinite, bad);
 }
 
-}  // namespace v0_1
 }  // namespace detail
-}  // namespace kvq
+KVQ_NAMESPACE_END

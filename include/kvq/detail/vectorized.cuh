@@ -10,6 +10,8 @@
 // (Variant::kAuto) for every operation.
 #pragma once
 
+#include <kvq/version.hpp>
+
 #include <kvq/detail/row_kernels.cuh>
 #include <kvq/detail/tile_kernels.cuh>
 #include <kvq/detail/vector_kernels.cuh>
@@ -17,9 +19,8 @@
 #include <atomic>
 #include <cstdint>
 
-namespace kvq {
+KVQ_NAMESPACE_BEGIN
 namespace detail {
-inline namespace v0_1 {
 
 // Chosen on the H200 (bench/results/h200-2026-11-28.md, in git at db59eb8): 256 threads, 4 units
 // of 16 B per thread and a cap of 85 registers (3 blocks per SM) gave fp32 quantize_with_scales
@@ -148,7 +149,7 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
   static bool row_view(const KvView& view, const QuantSpec& spec, const void* t_ptr, const void* q_ptr, RowOp op,
                        RowPlan& p) {
     return spec.granularity == Granularity::kPerToken && group_length(view.channels, spec.group) == view.channels &&
-           whole_vector<T>(view, t_ptr, q_ptr) && plan_rows<RowPolicy>(view, kWidth<T>, op, p);
+           whole_vector<T>(view, t_ptr, q_ptr) && plan_rows<RowPolicy>(view, spec, kWidth<T>, op, p);
   }
 
   static unsigned row_blocks(const RowPlan& p) {
@@ -261,6 +262,5 @@ struct VectorizedStrategy : TileStrategy<VectorizedPolicy> {
   }
 };
 
-}  // namespace v0_1
 }  // namespace detail
-}  // namespace kvq
+KVQ_NAMESPACE_END

@@ -1,0 +1,25 @@
+# tests/fast_math/compare_ptx.cmake: cmake -DPLAIN=a.ptx -DFAST=b.ptx -P compare_ptx.cmake
+# Passes when the two PTX files are identical; otherwise names the flush-to-zero and approximate
+# instructions the fast-math build has, which are what an fp32 operation written in C++ (rather
+# than as the inline PTX of numerics.hpp) turns into under --use_fast_math.
+foreach(f PLAIN FAST)
+  if(NOT EXISTS "${${f}}")
+    message(FATAL_ERROR "missing ${${f}}: build the target kvq_fast_math_ptx first")
+  endif()
+endforeach()
+file(SHA256 "${PLAIN}" plain_hash)
+file(SHA256 "${FAST}" fast_hash)
+if(plain_hash STREQUAL fast_hash)
+  file(STRINGS "${PLAIN}" entries REGEX "^[.a-z ]*\\.entry ")
+  list(LENGTH entries n)
+  message(STATUS "PTX identical with and without --use_fast_math (${n} kernels)")
+  return()
+endif()
+file(STRINGS "${FAST}" changed REGEX "\\.(ftz|approx)")
+list(LENGTH changed n)
+list(SUBLIST changed 0 10 first)
+string(REPLACE ";" "\n" first "${first}")
+if(n EQUAL 0)
+  message(FATAL_ERROR "the PTX built with --use_fast_math differs, but in no .ftz or .approx line: diff ${PLAIN} ${FAST}")
+endif()
+message(FATAL_ERROR "the PTX built with --use_fast_math differs: ${n} lines with .ftz or .approx, first:\n${first}")

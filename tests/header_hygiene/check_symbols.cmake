@@ -1,0 +1,32 @@
+# tests/header_hygiene/check_symbols.cmake: cmake -DNM=nm -DBINARY=exe -P check_symbols.cmake
+# Every symbol of kvq that BINARY defines (demangled by nm -C) must be inside the versioned inline
+# namespace kvq::v0_1, so that two libraries built against different kvq versions cannot merge
+# each other's templates. Fails too when no kvq symbol is found (the check would be empty).
+execute_process(COMMAND ${NM} -C --defined-only ${BINARY} OUTPUT_VARIABLE symbols RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "${NM} failed on ${BINARY}")
+endif()
+string(REPLACE "\n" ";" lines "${symbols}")
+set(versioned 0)
+set(unversioned "")
+foreach(line IN LISTS lines)
+  if(line MATCHES "kvq::")
+    if(line MATCHES "kvq::v0_1::")
+      math(EXPR versioned "${versioned} + 1")
+    endif()
+    # any kvq:: not immediately followed by the version is outside it
+    string(REGEX REPLACE "kvq::v0_1::" "" rest "${line}")
+    if(rest MATCHES "(^|[^_a-zA-Z0-9])kvq::")
+      list(APPEND unversioned "${line}")
+    endif()
+  endif()
+endforeach()
+if(versioned EQUAL 0)
+  message(FATAL_ERROR "no kvq::v0_1:: symbol defined in ${BINARY}: nothing was checked")
+endif()
+if(unversioned)
+  list(LENGTH unversioned n)
+  string(REPLACE ";" "\n" unversioned "${unversioned}")
+  message(FATAL_ERROR "${n} kvq symbols outside kvq::v0_1:\n${unversioned}")
+endif()
+message(STATUS "${versioned} kvq symbols, all in kvq::v0_1")
