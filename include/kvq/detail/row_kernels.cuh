@@ -129,6 +129,9 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
 #pragma unroll
   for (int j = 0; j < kUnits; ++j)
     if (t.owns(j, p)) v[j] = device::load_bits<V>(x + offset + t.unit(j) * V);
+  // The scale's address while the loads are in flight: it takes a branch (ScaleRows::base) that
+  // would otherwise sit between the row's reduction and its codes.
+  float* const scale_at = scales + p.scale_rows.base(t.row);
 
   // This thread's amax as raw |x| bits (exact, two 16-bit values per instruction); a NaN or Inf
   // shows as bits >= kNonfinite and takes the exact rule (finite values only) and the count.
@@ -151,7 +154,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
   // order as the floats do.
   m = device::warp_max_bits(m, t.row_mask);
   const float amax = bits_to_float(m), scale = scale_from_amax(amax);
-  if (t.valid && t.lane == 0) scales[p.scale_rows.base(t.row)] = scale;
+  if (t.valid && t.lane == 0) *scale_at = scale;
 
   if (q != nullptr && t.valid) {
     const float inv = reciprocal(scale);
@@ -187,12 +190,15 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
   constexpr bool kDequantize = std::is_same_v<In, std::int8_t>;
   const RowThread t(p);
   if (!t.valid) return;  // no reduction here, so threads past the last row can leave
-  const float scale = sanitize_scale(scales[p.scale_rows.base(t.row)]);
+  // The scale is requested first and looked at only after the row's loads are issued, so that the
+  // two latencies overlap: a decode-sized call is one load of each deep.
+  const float given_scale = scales[p.scale_rows.base(t.row)];
   const std::int64_t offset = p.row_offset(t.row);
   device::Bits<V, In> v[kUnits];
 #pragma unroll
   for (int j = 0; j < kUnits; ++j)
     if (t.owns(j, p)) v[j] = device::load_bits<V>(in + offset + t.unit(j) * V);
+  const float scale = sanitize_scale(given_scale);
 
   Fragment<float, V> s, rs;
   const float inv = kDequantize ? 0.0f : reciprocal(scale);
