@@ -2,7 +2,10 @@
 // (quantize_row / dequantize_row for groups of 8, 16 and 32 lanes, and the _warp forms) on aligned
 // rows (16-byte vectors) and misaligned ones (element by element), in 2-D blocks; warp_amax over
 // full and partial masks with NaN, Inf and subnormals; the fragment quantize / dequantize under
-// scales the host API would sanitize.
+// scales the host API would sanitize; and every other fragment block (load / load_bits / unpack /
+// store, per-element-scale quantize and dequantize, quantize_within_amax, code_values, low_bytes,
+// amax_bits, count_nonfinite, raw_abs_max and raw_abs_max_into / raw_abs_fold, warp_max_bits) for
+// fragments of 1, 2 and 16 bytes' worth of elements.
 #include "gpu_exact.cuh"
 
 namespace kvq::test {
@@ -194,6 +197,217 @@ TYPED_TEST(DeviceBlocks, FragmentBlocksSanitizeScalesAsTheHostApi) {
   KVQ_ASSERT_CUDA(d_y.download(y));
   expect_identical(q, want_q, "device::quantize(fragment, scale)");
   expect_identical(y, want_y, "device::dequantize(fragment, scale)");
+}
+
+/// Outputs of fragment_blocks: per element (n = threads * N) and per thread.
+template <class T>
+struct FragmentOutputs {
+  T* loaded;                        // (n) store(load(x))
+  T* unpacked;                      // (n) store(unpack(load_bits(x)))
+  std::int8_t* codes_each;          // (n) quantize(x, scales, reciprocals)
+  std::int8_t* codes_lean;          // (n) quantize_within_amax where it applies (else untouched)
+  std::int8_t* low;                 // (n) low_bytes(words)
+  float* code_floats;               // (n) code_values(codes)
+  T* values_each;                   // (n) dequantize(codes, scales)
+  std::uint32_t* amax;              // (threads) amax_bits(x, count)
+  std::uint32_t* amax_plain;        // (threads) amax_bits(x)
+  unsigned long long* amax_count;   // (threads) 1 + the count amax_bits added
+  int* nonfinite;                   // (threads) count_nonfinite(x)
+  std::uint32_t* raw;               // (threads) raw_abs_max(x)
+  std::uint32_t* raw_pair;          // (threads) raw_abs_fold over x and the neighbour's fragment
+  std::uint32_t* warp_max;          // (threads) warp_max_bits(amax) over the full warp
+};
+
+/// Thread t applies each fragment block to elements [t * N, t * N + N).
+template <int N, class T>
+__global__ void fragment_blocks(const T* x, const float* scales, const std::int8_t* codes,
+                                const std::uint32_t* words, FragmentOutputs<T> out) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  const int e = t * N;
+  const auto f = dev::load<N>(x + e);
+  dev::store(out.loaded + e, f);
+  dev::store(out.unpacked + e, dev::unpack<T, N>(dev::load_bits<N>(x + e)));
+
+  dev::Fragment<float, N> s, inv;
+  for (int i = 0; i < N; ++i) {
+    s[i] = sanitize_scale(scales[e + i]);
+    inv[i] = reciprocal(s[i]);
+  }
+  dev::store(out.codes_each + e, dev::quantize<N>(f, s, inv));
+  const auto q = dev::load<N>(codes + e);
+  const auto floats = dev::code_values(q);  // up to 32 bytes: stored element by element
+  for (int i = 0; i < N; ++i) out.code_floats[e + i] = floats[i];
+  dev::store(out.values_each + e, dev::dequantize<T>(q, s));
+  std::uint32_t w[N];
+  for (int i = 0; i < N; ++i) w[i] = words[e + i];
+  dev::store(out.low + e, dev::low_bytes<N>(w));
+
+  unsigned long long count = 1;  // amax_bits adds to it
+  const std::uint32_t amax = dev::amax_bits(f, count);
+  out.amax[t] = amax;
+  out.amax_count[t] = count;
+  out.amax_plain[t] = dev::amax_bits(f);
+  out.nonfinite[t] = dev::count_nonfinite(f);
+  out.raw[t] = dev::raw_abs_max(f);
+  out.warp_max[t] = dev::warp_max_bits(amax);
+  const auto neighbour = dev::load<N>(x + (t ^ 1) * N);
+  if constexpr (N * sizeof(T) % 4 == 0) {
+    std::uint32_t acc[N * sizeof(T) / 4] = {};
+    dev::raw_abs_max_into(acc, f);
+    dev::raw_abs_max_into(acc, neighbour);
+    out.raw_pair[t] = dev::raw_abs_fold<T>(acc);
+  } else {
+    out.raw_pair[t] = ::max(dev::raw_abs_max(f), dev::raw_abs_max(neighbour));
+  }
+  if constexpr (sizeof(T) == 2) {
+    const float a = bits_to_float(amax);
+    if (dev::count_nonfinite(f) == 0 && lean_codes_apply(a)) {
+      dev::Fragment<float, N> ls, linv;
+      for (int i = 0; i < N; ++i) {
+        ls[i] = scale_from_amax(a);
+        linv[i] = reciprocal(ls[i]);
+      }
+      dev::store(out.codes_lean + e, dev::quantize_within_amax<N>(f, ls, linv));
+    }
+  }
+}
+
+/// |x| as the raw bits of T (the sign bit cleared).
+template <class T>
+std::uint32_t raw_abs(T x) {
+  std::uint32_t b = 0;
+  std::memcpy(&b, &x, sizeof(T));
+  return b & (sizeof(T) == 4 ? 0x7fffffffu : 0x7fffu);
+}
+
+template <int N, class T>
+void check_fragment_blocks() {
+  constexpr int kThreads = 256, n = kThreads * N;
+  Rng rng(11 + N);
+  std::vector<T> x = kv_like_data<T>(n, 8, 13 + N, /*specials=*/false);
+  const float specials[] = {NAN, INFINITY, -INFINITY, 1e-40f, -3e-39f, 0.0f, 65504.0f, -1e30f};
+  for (int t = 0; t < kThreads; ++t) {
+    if (t % 5 == 1) x[t * N + rng.next() % N] = from_float<T>(specials[rng.next() % 8]);  // one special
+    if (t % 11 == 3)
+      for (int i = 0; i < N; ++i) x[t * N + i] = from_float<T>(i % 2 ? 1e-40f : -0.0f);  // subnormal amax
+    if (t % 13 == 7)
+      for (int i = 0; i < N; ++i) x[t * N + i] = from_float<T>(0.0f);  // amax 0
+  }
+  std::vector<float> scales(n);
+  const float odd[] = {0.0f, -1.0f, NAN, INFINITY, 1e-40f, 1e38f, 0x1p-101f, 0x1p127f};
+  for (int i = 0; i < n; ++i) scales[i] = i % 3 == 0 ? odd[(i / 3) % 8] : std::exp2(rng.symmetric() * 20.0f) / 127.0f;
+  std::vector<std::int8_t> codes(n);
+  std::vector<std::uint32_t> words(n);
+  for (int i = 0; i < n; ++i) {
+    codes[i] = static_cast<std::int8_t>(i % 256 - 128);  // every code
+    words[i] = static_cast<std::uint32_t>(rng.next());
+  }
+
+  // What each block must produce, from the numeric contract on the host.
+  std::vector<std::int8_t> want_each(n), want_lean = poisoned<std::int8_t>(n, kPoisonCodeByte), want_low(n);
+  std::vector<float> want_floats(n);
+  std::vector<T> want_values(n);
+  std::vector<std::uint32_t> want_amax(kThreads), want_raw(kThreads), want_pair(kThreads), want_warp(kThreads);
+  std::vector<unsigned long long> want_count(kThreads);
+  std::vector<int> want_nonfinite(kThreads);
+  for (int i = 0; i < n; ++i) {
+    const float s = sanitize_scale(scales[i]);
+    want_each[i] = quantize_value(to_float(x[i]), s);
+    want_floats[i] = static_cast<float>(codes[i]);
+    want_values[i] = from_float<T>(mul_rn(static_cast<float>(codes[i]), s));
+    want_low[i] = static_cast<std::int8_t>(words[i] & 0xffu);
+  }
+  for (int t = 0; t < kThreads; ++t) {
+    std::uint32_t m = 0, raw = 0, raw_neighbour = 0;
+    int bad = 0;
+    for (int i = 0; i < N; ++i) {
+      m = std::max(m, finite_abs_bits(to_float(x[t * N + i])));
+      bad += !is_finite(to_float(x[t * N + i]));
+      raw = std::max(raw, raw_abs(x[t * N + i]));
+      raw_neighbour = std::max(raw_neighbour, raw_abs(x[(t ^ 1) * N + i]));
+    }
+    want_amax[t] = m;
+    want_count[t] = 1 + bad;
+    want_nonfinite[t] = bad;
+    want_raw[t] = raw;
+    want_pair[t] = std::max(raw, raw_neighbour);
+    if (sizeof(T) == 2 && bad == 0 && lean_codes_apply(bits_to_float(m)))
+      for (int i = 0; i < N; ++i)
+        want_lean[t * N + i] = quantize_value(to_float(x[t * N + i]), scale_from_amax(bits_to_float(m)));
+  }
+  for (int t = 0; t < kThreads; ++t)
+    want_warp[t] = *std::max_element(want_amax.begin() + t / 32 * 32, want_amax.begin() + t / 32 * 32 + 32);
+
+  DeviceBuffer<T> d_x(n), d_loaded(n), d_unpacked(n), d_values(n);
+  DeviceBuffer<float> d_scales(n), d_floats(n);
+  DeviceBuffer<std::int8_t> d_codes(n), d_each(n), d_lean(n), d_low(n);
+  DeviceBuffer<std::uint32_t> d_words(n), d_amax(kThreads), d_plain(kThreads), d_raw(kThreads), d_pair(kThreads),
+      d_warp(kThreads);
+  DeviceBuffer<unsigned long long> d_count(kThreads);
+  DeviceBuffer<int> d_nonfinite(kThreads);
+  ASSERT_TRUE(d_x.get() && d_loaded.get() && d_unpacked.get() && d_values.get() && d_scales.get() &&
+              d_floats.get() && d_codes.get() && d_each.get() && d_lean.get() && d_low.get() && d_words.get() &&
+              d_amax.get() && d_plain.get() && d_raw.get() && d_pair.get() && d_warp.get() && d_count.get() &&
+              d_nonfinite.get());
+  KVQ_ASSERT_CUDA(d_x.upload(x));
+  KVQ_ASSERT_CUDA(d_scales.upload(scales));
+  KVQ_ASSERT_CUDA(d_codes.upload(codes));
+  KVQ_ASSERT_CUDA(d_words.upload(words));
+  for (auto* b : {&d_each, &d_lean, &d_low}) KVQ_ASSERT_CUDA(b->poison(kPoisonCodeByte));
+  for (auto* b : {&d_loaded, &d_unpacked, &d_values}) KVQ_ASSERT_CUDA(b->poison(kPoisonValueByte));
+  for (auto* b : {&d_amax, &d_plain, &d_raw, &d_pair, &d_warp}) KVQ_ASSERT_CUDA(b->poison(kPoisonScaleByte));
+  KVQ_ASSERT_CUDA(d_floats.poison(kPoisonScaleByte));
+  KVQ_ASSERT_CUDA(d_count.poison(kPoisonScaleByte));
+  KVQ_ASSERT_CUDA(d_nonfinite.poison(kPoisonScaleByte));
+  const FragmentOutputs<T> out{d_loaded.get(), d_unpacked.get(), d_each.get(),  d_lean.get(), d_low.get(),
+                               d_floats.get(), d_values.get(),   d_amax.get(),  d_plain.get(), d_count.get(),
+                               d_nonfinite.get(), d_raw.get(),   d_pair.get(),  d_warp.get()};
+  fragment_blocks<N><<<2, kThreads / 2>>>(d_x.get(), d_scales.get(), d_codes.get(), d_words.get(), out);
+  KVQ_ASSERT_CUDA(cudaGetLastError());
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+
+  const std::string what = " (N " + std::to_string(N) + ")";
+  std::vector<T> got_t;
+  std::vector<std::int8_t> got_q;
+  std::vector<float> got_f;
+  std::vector<std::uint32_t> got_u;
+  KVQ_ASSERT_CUDA(d_loaded.download(got_t));
+  expect_identical(got_t, x, "load / store" + what);
+  KVQ_ASSERT_CUDA(d_unpacked.download(got_t));
+  expect_identical(got_t, x, "load_bits / unpack" + what);
+  KVQ_ASSERT_CUDA(d_values.download(got_t));
+  expect_identical(got_t, want_values, "dequantize(codes, scale fragment)" + what);
+  KVQ_ASSERT_CUDA(d_each.download(got_q));
+  expect_identical(got_q, want_each, "quantize(x, scale fragment, reciprocals)" + what);
+  KVQ_ASSERT_CUDA(d_lean.download(got_q));
+  expect_identical(got_q, want_lean, "quantize_within_amax" + what);
+  KVQ_ASSERT_CUDA(d_low.download(got_q));
+  expect_identical(got_q, want_low, "low_bytes" + what);
+  KVQ_ASSERT_CUDA(d_floats.download(got_f));
+  expect_identical(got_f, want_floats, "code_values" + what);
+  KVQ_ASSERT_CUDA(d_amax.download(got_u));
+  expect_identical(got_u, want_amax, "amax_bits(x, count)" + what);
+  KVQ_ASSERT_CUDA(d_plain.download(got_u));
+  expect_identical(got_u, want_amax, "amax_bits(x)" + what);
+  KVQ_ASSERT_CUDA(d_raw.download(got_u));
+  expect_identical(got_u, want_raw, "raw_abs_max" + what);
+  KVQ_ASSERT_CUDA(d_pair.download(got_u));
+  expect_identical(got_u, want_pair, "raw_abs_max_into / raw_abs_fold" + what);
+  KVQ_ASSERT_CUDA(d_warp.download(got_u));
+  expect_identical(got_u, want_warp, "warp_max_bits" + what);
+  std::vector<unsigned long long> got_count;
+  KVQ_ASSERT_CUDA(d_count.download(got_count));
+  expect_identical(got_count, want_count, "amax_bits' nonfinite count" + what);
+  std::vector<int> got_nonfinite;
+  KVQ_ASSERT_CUDA(d_nonfinite.download(got_nonfinite));
+  expect_identical(got_nonfinite, want_nonfinite, "count_nonfinite" + what);
+}
+
+TYPED_TEST(DeviceBlocks, EveryFragmentBlockMatchesTheContract) {
+  using T = TypeParam;
+  check_fragment_blocks<1, T>();
+  check_fragment_blocks<2, T>();
+  check_fragment_blocks<16 / sizeof(T), T>();
 }
 
 }  // namespace

@@ -174,6 +174,9 @@ std::int64_t first_difference(const std::vector<E>& a, const std::vector<E>& b) 
 
 inline double as_double(float x) { return x; }
 inline double as_double(std::int8_t x) { return x; }
+inline double as_double(int x) { return x; }
+inline double as_double(std::uint32_t x) { return x; }
+inline double as_double(unsigned long long x) { return static_cast<double>(x); }
 inline double as_double(__half x) { return __half2float(x); }
 inline double as_double(__nv_bfloat16 x) { return __bfloat162float(x); }
 
