@@ -295,9 +295,10 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, std::is_same_v<In, std::int8
     Fragment<float, V> scale, inv;
     bool fast_scales = kWithinAmax;  // every reciprocal in the fast range
     if constexpr (!kPerToken) {
+      const float* tile_scales = scales + p.scale_rows.base(scale_row) + c;  // once, not per channel
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        scale[j] = sanitize_scale(scales[p.scale_rows.base(scale_row) + c + j]);
+        scale[j] = sanitize_scale(tile_scales[j]);
         if constexpr (!kDequantize) inv[j] = reciprocal(scale[j]);
         if constexpr (kWithinAmax) fast_scales &= !is_nan(inv[j]);
       }
@@ -455,7 +456,8 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
       for (int off = lanes; off < kWarpSize; off <<= 1)
         colmax[j] = max_amax(colmax[j], __shfl_xor_sync(kFullMask, colmax[j], off));
     const bool warp_leader = (tid % kWarpSize) < lanes;  // first row lane of this warp
-    auto* scale_bits = reinterpret_cast<unsigned int*>(scales) + p.scale_rows.base(scale_row);
+    float* const row_scales = scales + p.scale_rows.base(scale_row);  // once per tile
+    auto* scale_bits = reinterpret_cast<unsigned int*>(row_scales);
     if (!scales_mode && lanes == kThreads) {  // one row lane: each channel has one thread in the block
       if (active)
 #pragma unroll
@@ -488,7 +490,7 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, kMode == TileMode::kScales ?
         const float s = scale_from_amax(bits_to_float(amax_bits[k]));
         amax_bits[k] = float_bits(s);
         tile_inv[k] = reciprocal(s);
-        if (first_c + k < p.channels) scales[p.scale_rows.base(scale_row) + first_c + k] = s;
+        if (first_c + k < p.channels) row_scales[first_c + k] = s;
       }
       __syncthreads();
       Fragment<float, V> scale, inv;
