@@ -478,7 +478,9 @@ TYPED_TEST(ReferenceTyped, StridedScalesAreTheContiguousOnesElsewhere) {
               ASSERT_EQ(s[at], s_flat[(b * sh.rows + r) * sh.cols + c]) << what;
             }
         for (std::size_t i = 0; i < s.size(); ++i)
-          if (!used[i]) ASSERT_EQ(s[i], -3.0f) << what << ": a gap was written at " << i;
+          if (!used[i]) {
+            ASSERT_EQ(s[i], -3.0f) << what << ": a gap was written at " << i;
+          }
         ASSERT_EQ(kvq::reference::quantize_with_scales(x.data(), s.data(), v, spec, q2.data()), cudaSuccess);
         EXPECT_EQ(q2, q_flat) << what;
         ASSERT_EQ(kvq::reference::dequantize(q.data(), s.data(), v, spec, y.data()), cudaSuccess);
