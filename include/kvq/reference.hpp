@@ -7,13 +7,15 @@
 // namespace chosen by _OPENMP), so TUs built with and without OpenMP can be linked together without
 // two meanings for one inline function; their results are the same, element for element.
 //
-// Same signatures, argument order, validation and error codes as the GPU API in quantize.cuh, with
-// host pointers; `spec.nonfinite_count`, when set, is a host counter.
+// Same signatures, argument order, validation and error codes as the GPU API in quantize.cuh and
+// paged.cuh, with host pointers; `spec.nonfinite_count` and the paged operations' `error_count`,
+// when set, are host counters.
 #pragma once
 
 #include <kvq/version.hpp>
 
 #include <kvq/numerics.hpp>
+#include <kvq/paged.hpp>
 #include <kvq/types.hpp>
 
 #include <algorithm>
@@ -200,6 +202,82 @@ cudaError_t dequantize(const std::int8_t* q,  // view over (batch, tokens, chann
                        T* y) {  // same view as q
   if (cudaError_t err = validate_dequantize(q, scales, view, spec, y); err != cudaSuccess || view.empty()) return err;
   detail::dequantize(q, scales, view, spec, y);
+  return cudaSuccess;
+}
+
+/// The paged cache's write path (kvq::append_kv): every (token, head) row of K and V, quantized
+/// per token into its slot. Same skipping and counting of slots as the GPU.
+template <class T>
+cudaError_t append_kv(const T* k_new,  // rows (tokens, kv_heads, head_dim)
+                      const T* v_new,  // rows
+                      const TokenRows& rows,
+                      const std::int64_t* slot_mapping,  // (tokens)
+                      const PagedCache& cache,
+                      unsigned long long* error_count = nullptr) {
+  if (cudaError_t err = validate_append_kv(k_new, v_new, rows, slot_mapping, cache); err != cudaSuccess) return err;
+  const std::int64_t d = cache.head_dim;
+  for (std::int64_t t = 0; t < rows.tokens; ++t) {
+    const std::int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;
+    if (slot >= cache.slots()) {
+      if (error_count != nullptr) ++*error_count;
+      continue;
+    }
+    const std::int64_t page = slot / cache.page_size, offset = slot % cache.page_size;
+    for (std::int64_t h = 0; h < cache.kv_heads; ++h)
+      for (int kv = 0; kv < 2; ++kv) {
+        const PageStrides& s = kv ? cache.v_strides : cache.k_strides;
+        const T* x = (kv ? v_new : k_new) + t * rows.token_stride + h * rows.head_stride;
+        std::int8_t* q = (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride +
+                         h * s.head_stride;
+        float* scale = (kv ? cache.v_scales : cache.k_scales) + cache.scale_offset(slot, h);
+        detail::per_token_row_scales(x, d, d, scale);  // one group: the whole row
+        for (std::int64_t c = 0; c < d; ++c) q[c] = quantize_value(to_float(x[c]), *scale);
+      }
+  }
+  return cudaSuccess;
+}
+
+/// The paged cache's read path (kvq::gather_kv): the sequences' tokens dequantized to dense rows.
+/// Same skipping and counting of untrusted table data as the GPU.
+template <class T>
+cudaError_t gather_kv(const PagedCache& cache, const SequenceTable& seqs,
+                      T* k_out,  // out (tokens, kv_heads, head_dim)
+                      T* v_out,  // out
+                      const TokenRows& out,
+                      unsigned long long* error_count = nullptr) {
+  if (cudaError_t err = validate_gather_kv(cache, seqs, k_out, v_out, out); err != cudaSuccess) return err;
+  if (seqs.batch == 0 || seqs.max_pages_per_seq == 0 || out.tokens == 0) return cudaSuccess;
+  const std::int64_t max_tokens = seqs.max_pages_per_seq * cache.page_size;
+  auto count = [&] {
+    if (error_count != nullptr) ++*error_count;
+  };
+  for (std::int64_t b = 0; b < seqs.batch; ++b) {
+    const std::int64_t len = seqs.seq_lens[b];
+    if (len < 0 || len > max_tokens) {
+      count();
+      continue;
+    }
+    const std::int64_t start = seqs.out_start != nullptr ? seqs.out_start[b] : b * max_tokens;
+    for (std::int64_t t = 0; t < len; ++t) {
+      const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / cache.page_size];
+      const std::int64_t row = start + t;
+      if (page < 0 || page >= cache.num_pages || row < 0 || row >= out.tokens) {
+        count();
+        continue;
+      }
+      const std::int64_t offset = t % cache.page_size, slot = page * cache.page_size + offset;
+      for (std::int64_t h = 0; h < cache.kv_heads; ++h)
+        for (int kv = 0; kv < 2; ++kv) {
+          const PageStrides& s = kv ? cache.v_strides : cache.k_strides;
+          const std::int8_t* q = (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride +
+                                 offset * s.token_stride + h * s.head_stride;
+          const float scale = sanitize_scale((kv ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)]);
+          T* y = (kv ? v_out : k_out) + row * out.token_stride + h * out.head_stride;
+          for (std::int64_t c = 0; c < cache.head_dim; ++c) y[c] = dequantize_value<T>(q[c], scale);
+        }
+    }
+  }
   return cudaSuccess;
 }
 

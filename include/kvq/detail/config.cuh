@@ -3,9 +3,12 @@
 
 #include <kvq/version.hpp>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 // Kernels live in a versioned inline namespace and are hidden, so two shared libraries that both
 // include (possibly different versions of) kvq cannot collide on a kernel symbol.
@@ -23,6 +26,11 @@ namespace detail {
 
 /// Checks the launch just made without synchronizing (CUB's and CUTLASS's habit).
 inline cudaError_t check_launch() { return cudaPeekAtLastError(); }
+
+/// The element types every operation takes.
+template <class T>
+constexpr bool kSupportedType =
+    std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -19,10 +19,6 @@
 KVQ_NAMESPACE_BEGIN
 namespace detail {
 
-template <class T>
-constexpr bool kSupportedType =
-    std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
-
 /// scales <- scales of x; and q <- codes of x under them when q is not null.
 template <class S, class T>
 cudaError_t scales_and_codes(const T* x, const KvView& view, const QuantSpec& spec, float* scales, std::int8_t* q,

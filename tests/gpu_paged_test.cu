@@ -1,0 +1,268 @@
+// The paged cache on the GPU, against kvq::reference bit for bit: random engine traffic (prefill
+// chunks and decode steps from a shuffled free list, padding and out-of-pool slots mixed in) for
+// every pool layout, page sizes 1-128, head dims 64-256 and the three dtypes, the whole cache
+// buffer (codes, scales and the untouched bytes around them) compared after every step; gather_kv
+// of every sequence; a decode step captured once in a CUDA graph and replayed with new contents;
+// untrusted slots and tables skipped and counted as the reference counts them.
+#include "gpu_exact.cuh"
+#include "paged_cases.hpp"
+
+#include <kvq/paged.cuh>
+
+namespace kvq::test {
+namespace {
+
+template <class T>
+std::vector<T> random_rows(std::int64_t n, std::uint64_t seed) {
+  Rng rng(seed);
+  std::vector<T> v(n);
+  for (std::int64_t i = 0; i < n; ++i) {
+    float x = rng.symmetric() * (i % 64 == 5 ? 20.0f : 1.0f) * (0.5f + rng.uniform());
+    if (rng.next() % 997 == 0) x = (rng.next() % 2) ? NAN : INFINITY;
+    v[i] = from_float<T>(x);
+  }
+  return v;
+}
+
+/// A cache in one device buffer and its host twin, kept equal by the reference.
+struct TwinCache {
+  CacheLayout L;
+  std::vector<std::uint8_t> host;
+  DeviceBuffer<std::uint8_t> device;
+  explicit TwinCache(const CacheLayout& layout) : L(layout), host(layout.bytes, kCachePoison), device(layout.bytes) {}
+  PagedCache on_host() { return L.cache(host.data()); }
+  PagedCache on_device() const { return L.cache(device.get()); }
+};
+
+template <class T>
+class GpuPaged : public GpuTest {};
+using Types = ::testing::Types<float, __half, __nv_bfloat16>;
+TYPED_TEST_SUITE(GpuPaged, Types);
+
+/// Appends the same tokens on both sides and compares the whole buffer.
+template <class T>
+void append_both(TwinCache& c, const std::vector<std::int64_t>& slots, std::uint64_t seed, unsigned long long* d_errors,
+                 unsigned long long& host_errors, const std::string& what) {
+  const std::int64_t n = static_cast<std::int64_t>(slots.size()), heads = c.L.kv_heads, dim = c.L.head_dim;
+  // Rows with a padded token stride: the inputs are strided as an engine's qkv projection output.
+  const TokenRows rows{n, heads * dim + 8, dim};
+  const std::vector<T> k = random_rows<T>(std::max<std::int64_t>(n * rows.token_stride, 1), seed);
+  const std::vector<T> v = random_rows<T>(std::max<std::int64_t>(n * rows.token_stride, 1), seed + 1);
+  DeviceBuffer<T> dk(k.size()), dv(v.size());
+  DeviceBuffer<std::int64_t> ds(std::max<std::size_t>(slots.size(), 1));
+  ASSERT_TRUE(dk.get() && dv.get() && ds.get());
+  KVQ_ASSERT_CUDA(dk.upload(k));
+  KVQ_ASSERT_CUDA(dv.upload(v));
+  if (n > 0) KVQ_ASSERT_CUDA(ds.upload(slots));
+  ASSERT_EQ(reference::append_kv(k.data(), v.data(), rows, slots.data(), c.on_host(), &host_errors), cudaSuccess);
+  KVQ_ASSERT_CUDA(append_kv(dk.get(), dv.get(), rows, ds.get(), c.on_device(), d_errors));
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  std::vector<std::uint8_t> got;
+  KVQ_ASSERT_CUDA(c.device.download(got));
+  const std::int64_t i = first_difference(got, c.host);
+  ASSERT_EQ(i, -1) << what << ": the cache differs from the reference at byte " << i << " (codes end at "
+                   << c.L.k_scales << ", K scales at " << c.L.k_scales << ", V scales at " << c.L.v_scales << ")";
+}
+
+/// gather_kv of every sequence of `traffic` on both sides, with and without output starts.
+template <class T>
+void gather_both(TwinCache& c, const Traffic& traffic, const std::string& what) {
+  const auto& lens = traffic.lens();
+  const std::int64_t batch = static_cast<std::int64_t>(lens.size()), heads = c.L.kv_heads, dim = c.L.head_dim;
+  std::vector<std::int32_t> start(batch);
+  std::int64_t total = 0;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    start[b] = static_cast<std::int32_t>(total + 3 * b);  // a gap of 3 rows between sequences stays poisoned
+    total += lens[b];
+  }
+  total += 3 * batch;
+  DeviceBuffer<std::int32_t> d_table(traffic.table().size()), d_lens(lens.size()), d_start(start.size());
+  ASSERT_TRUE(d_table.get() && d_lens.get() && d_start.get());
+  KVQ_ASSERT_CUDA(d_table.upload(traffic.table()));
+  KVQ_ASSERT_CUDA(d_lens.upload(lens));
+  KVQ_ASSERT_CUDA(d_start.upload(start));
+  for (bool with_start : {true, false}) {
+    const std::int64_t out_tokens = with_start ? total : batch * traffic.max_pages() * c.L.page_size;
+    const TokenRows out = dense_rows(out_tokens, heads, dim);
+    std::vector<T> want_k = poisoned<T>(out_tokens * heads * dim, kPoisonValueByte), want_v = want_k;
+    const SequenceTable h_seqs{batch, traffic.max_pages(), traffic.table().data(), lens.data(),
+                               with_start ? start.data() : nullptr};
+    ASSERT_EQ(reference::gather_kv(c.on_host(), h_seqs, want_k.data(), want_v.data(), out), cudaSuccess);
+    DeviceBuffer<T> dk(want_k.size()), dv(want_v.size());
+    ASSERT_TRUE(dk.get() && dv.get());
+    KVQ_ASSERT_CUDA(dk.poison(kPoisonValueByte));
+    KVQ_ASSERT_CUDA(dv.poison(kPoisonValueByte));
+    const SequenceTable d_seqs{batch, traffic.max_pages(), d_table.get(), d_lens.get(),
+                               with_start ? d_start.get() : nullptr};
+    KVQ_ASSERT_CUDA(gather_kv(c.on_device(), d_seqs, dk.get(), dv.get(), out));
+    KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+    std::vector<T> got_k, got_v;
+    KVQ_ASSERT_CUDA(dk.download(got_k));
+    KVQ_ASSERT_CUDA(dv.download(got_v));
+    const std::string how = what + (with_start ? " (out_start)" : " (padded rows)");
+    expect_identical(got_k, want_k, "gather_kv K " + how);
+    expect_identical(got_v, want_v, "gather_kv V " + how);
+  }
+}
+
+TYPED_TEST(GpuPaged, RandomTrafficEqualsTheReferenceAfterEveryStep) {
+  using T = TypeParam;
+  // KVQ_TEST_SHAPES=small (the sanitizer runs): two page sizes and head dims, every layout.
+  const std::vector<std::int64_t> page_sizes = small_shapes() ? std::vector<std::int64_t>{1, 16}
+                                                               : std::vector<std::int64_t>{1, 16, 64, 128};
+  const std::vector<std::int64_t> dims = small_shapes() ? std::vector<std::int64_t>{80, 128}
+                                                         : std::vector<std::int64_t>{64, 80, 96, 128, 256};
+  for (PoolLayout layout : {PoolLayout::kNhdPadded, PoolLayout::kHnd, PoolLayout::kInterleavedNhd})
+    for (std::int64_t page_size : page_sizes)
+      for (std::int64_t dim : dims) {
+        const std::int64_t heads = 2, pages = 2048 / page_size + 5;
+        TwinCache c(CacheLayout(pages, page_size, heads, dim, layout));
+        ASSERT_TRUE(c.device.get());
+        KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
+        DeviceBuffer<unsigned long long> d_errors(1);
+        KVQ_ASSERT_CUDA(d_errors.poison(0));
+        unsigned long long host_errors = 0;
+        Traffic traffic(7, pages, page_size, pages, 11 * page_size + dim);
+        const std::string what = c.L.name();
+        for (int step = 0; step < 6; ++step) {
+          std::vector<std::int64_t> slots = traffic.step(step % 3 != 0, 200);
+          slots.insert(slots.begin() + slots.size() / 2, pages * page_size + step);  // past the pool
+          append_both<T>(c, slots, 100 * step + dim, d_errors.get(), host_errors, what + " step " + std::to_string(step));
+          if (::testing::Test::HasFatalFailure()) return;
+        }
+        std::vector<unsigned long long> errors;
+        KVQ_ASSERT_CUDA(d_errors.download(errors));
+        EXPECT_EQ(errors[0], host_errors) << what;
+        EXPECT_EQ(host_errors, 6u) << what;
+        gather_both<T>(c, traffic, what);
+        if (::testing::Test::HasFailure()) return;
+      }
+}
+
+TYPED_TEST(GpuPaged, DecodeStepOfManySequencesAndEightHeads) {
+  using T = TypeParam;
+  for (int sequences : {1, 64, 256}) {
+    const std::int64_t page_size = 16, pages = sequences * 4 + 2;
+    TwinCache c(CacheLayout(pages, page_size, 8, 128, PoolLayout::kNhdPadded));
+    ASSERT_TRUE(c.device.get());
+    KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
+    unsigned long long host_errors = 0;
+    Traffic traffic(sequences, pages, page_size, 4, sequences);
+    append_both<T>(c, traffic.step(false, 40), 1, nullptr, host_errors, "prefill");
+    for (int step = 0; step < 3; ++step)
+      append_both<T>(c, traffic.step(true, 1), 10 + step, nullptr, host_errors, "decode " + std::to_string(sequences));
+    gather_both<T>(c, traffic, "decode " + std::to_string(sequences));
+  }
+}
+
+TYPED_TEST(GpuPaged, DecodeStepCapturedOnceReplaysWithNewContents) {
+  using T = TypeParam;
+  constexpr int kSeqs = 32;
+  const std::int64_t page_size = 16, pages = kSeqs * 2, heads = 8, dim = 128;
+  TwinCache c(CacheLayout(pages, page_size, heads, dim, PoolLayout::kHnd));
+  ASSERT_TRUE(c.device.get());
+  KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
+  const TokenRows rows = dense_rows(kSeqs, heads, dim);
+  DeviceBuffer<T> dk(kSeqs * heads * dim), dv(kSeqs * heads * dim);
+  DeviceBuffer<std::int64_t> ds(kSeqs);
+  ASSERT_TRUE(dk.get() && dv.get() && ds.get());
+  cudaStream_t stream;
+  KVQ_ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  KVQ_ASSERT_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  const cudaError_t captured = append_kv(dk.get(), dv.get(), rows, ds.get(), c.on_device(), nullptr, stream);
+  KVQ_ASSERT_CUDA(cudaStreamEndCapture(stream, &graph));
+  KVQ_ASSERT_CUDA(captured);
+  cudaGraphExec_t exec;
+  KVQ_ASSERT_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  Traffic traffic(kSeqs, pages, page_size, 2, 5);
+  for (int step = 0; step < 20; ++step) {  // 20 decode steps: pages fill and new ones are taken
+    const std::vector<std::int64_t> slots = traffic.step(true, 1);
+    ASSERT_EQ(slots.size() >= static_cast<std::size_t>(kSeqs), true);
+    std::vector<std::int64_t> fixed(slots.begin(), slots.end());
+    fixed.erase(std::remove(fixed.begin(), fixed.end(), -1), fixed.end());
+    fixed.resize(kSeqs, -1);  // the graph's batch: padding past the live sequences
+    const std::vector<T> k = random_rows<T>(kSeqs * heads * dim, 1000 + step), v = random_rows<T>(kSeqs * heads * dim, 2000 + step);
+    KVQ_ASSERT_CUDA(dk.upload(k));
+    KVQ_ASSERT_CUDA(dv.upload(v));
+    KVQ_ASSERT_CUDA(ds.upload(fixed));
+    KVQ_ASSERT_CUDA(cudaGraphLaunch(exec, stream));
+    KVQ_ASSERT_CUDA(cudaStreamSynchronize(stream));
+    ASSERT_EQ(reference::append_kv(k.data(), v.data(), rows, fixed.data(), c.on_host()), cudaSuccess);
+    std::vector<std::uint8_t> got;
+    KVQ_ASSERT_CUDA(c.device.download(got));
+    ASSERT_EQ(first_difference(got, c.host), -1) << "replay " << step;
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+TYPED_TEST(GpuPaged, UntrustedTablesAreSkippedAndCountedAsTheReference) {
+  using T = TypeParam;
+  TwinCache c(CacheLayout(8, 4, 1, 64, PoolLayout::kNhdPadded));
+  ASSERT_TRUE(c.device.get());
+  KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
+  unsigned long long host_errors = 0;
+  DeviceBuffer<unsigned long long> d_errors(1);
+  KVQ_ASSERT_CUDA(d_errors.poison(0));
+  // Fill every slot, with slots far past the pool and padding mixed in.
+  std::vector<std::int64_t> slots;
+  for (std::int64_t s = 0; s < 32; ++s) slots.insert(slots.end(), {s, -1, std::int64_t{1} << 40});
+  append_both<T>(c, slots, 3, d_errors.get(), host_errors, "append");
+  std::vector<unsigned long long> errors;
+  KVQ_ASSERT_CUDA(d_errors.download(errors));
+  EXPECT_EQ(errors[0], 32u);
+  EXPECT_EQ(host_errors, 32u);
+
+  const std::vector<std::int32_t> table = {0, 1, 9, -1, 2, 3, 4, 5, 6, 7, 0, 0}, lens = {14, 17, 6}, start = {0, 20, 30};
+  DeviceBuffer<std::int32_t> dt(table.size()), dl(lens.size()), dst(start.size());
+  ASSERT_TRUE(dt.get() && dl.get() && dst.get());
+  KVQ_ASSERT_CUDA(dt.upload(table));
+  KVQ_ASSERT_CUDA(dl.upload(lens));
+  KVQ_ASSERT_CUDA(dst.upload(start));
+  std::vector<T> want_k = poisoned<T>(32 * 64, kPoisonValueByte), want_v = want_k;
+  unsigned long long want_count = 0;
+  ASSERT_EQ(reference::gather_kv(c.on_host(), SequenceTable{3, 4, table.data(), lens.data(), start.data()}, want_k.data(),
+                                 want_v.data(), dense_rows(32, 1, 64), &want_count),
+            cudaSuccess);
+  DeviceBuffer<T> dk(want_k.size()), dv(want_v.size());
+  ASSERT_TRUE(dk.get() && dv.get());
+  KVQ_ASSERT_CUDA(dk.poison(kPoisonValueByte));
+  KVQ_ASSERT_CUDA(dv.poison(kPoisonValueByte));
+  KVQ_ASSERT_CUDA(d_errors.poison(0));
+  KVQ_ASSERT_CUDA(gather_kv(c.on_device(), SequenceTable{3, 4, dt.get(), dl.get(), dst.get()}, dk.get(), dv.get(),
+                            dense_rows(32, 1, 64), d_errors.get()));
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  KVQ_ASSERT_CUDA(d_errors.download(errors));
+  EXPECT_EQ(want_count, 11u);
+  EXPECT_EQ(errors[0], want_count);
+  std::vector<T> got_k, got_v;
+  KVQ_ASSERT_CUDA(dk.download(got_k));
+  KVQ_ASSERT_CUDA(dv.download(got_v));
+  expect_identical(got_k, want_k, "gather_kv K with untrusted tables");
+  expect_identical(got_v, want_v, "gather_kv V with untrusted tables");
+}
+
+TYPED_TEST(GpuPaged, BadArgumentsReturnAnErrorAndLaunchNothing) {
+  using T = TypeParam;
+  TwinCache c(CacheLayout(4, 16, 2, 64, PoolLayout::kHnd));
+  ASSERT_TRUE(c.device.get());
+  KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
+  DeviceBuffer<T> dk(4 * 2 * 64);
+  DeviceBuffer<std::int64_t> ds(4);
+  PagedCache bad = c.on_device();
+  bad.page_size = 0;
+  EXPECT_EQ(append_kv(dk.get(), dk.get(), dense_rows(4, 2, 64), ds.get(), bad), cudaErrorInvalidValue);
+  EXPECT_EQ(append_kv<T>(nullptr, dk.get(), dense_rows(4, 2, 64), ds.get(), c.on_device()), cudaErrorInvalidValue);
+  EXPECT_EQ(gather_kv<T>(c.on_device(), SequenceTable{1, 1, nullptr, nullptr, nullptr}, dk.get(), dk.get() + 128,
+                         dense_rows(1, 2, 64)),
+            cudaErrorInvalidValue);
+  KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
+  std::vector<std::uint8_t> got;
+  KVQ_ASSERT_CUDA(c.device.download(got));
+  EXPECT_EQ(first_difference(got, c.host), -1) << "a refused call touched the cache";
+}
+
+}  // namespace
+}  // namespace kvq::test
