@@ -10,7 +10,9 @@
 // or dequantize/bfloat16/per_token/auto/rows262144_D128 (Google Benchmark's console, JSON and filter
 // see that name followed by /iterations:N/manual_time). Shapes are the paper's [T, D] matrices and
 // the engines' ones: rows one head wide (rowsR_DD: R (token, head) rows of D channels, one scale per
-// row), [T, H, D] seen per head (THD_...) and [B, H, T, D] (BHTD_...).
+// row), [T, H, D] seen per head (THD_...) and [B, H, T, D] (BHTD_...). The paged cache's cases
+// are op/dtype/scheme/shape: append_kv/half/per_token_head/decode_S64_H8_D128_P16 (paged_ops.hpp),
+// checked against kvq::reference::append_kv over the whole cache before they are timed.
 // Method, stated once here and printed at start-up:
 //   - inputs: fresh random values in [-1, 1) per case (random.hpp), never zeros, generated on the GPU;
 //   - before any timing, each case's output is checked: outputs are poisoned, the op runs once, no
@@ -36,6 +38,7 @@
 #include "bench_kernels.cuh"
 #include "host_reference.hpp"
 #include "ops.hpp"
+#include "paged_ops.hpp"
 #include "random.hpp"
 
 #include <kvq/numerics.hpp>
@@ -49,6 +52,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <tuple>
 #include <stdexcept>
 #include <string>
@@ -337,6 +341,34 @@ double median(std::vector<E> v) {
   return v.size() % 2 == 1 ? v[m] : 0.5 * (static_cast<double>(v[m - 1]) + v[m]);
 }
 
+/// One cold replay per Google Benchmark iteration, then as many hot ones (milliseconds per call).
+/// False (the case failed or stopped early) when there is nothing to report.
+bool time_replays(benchmark::State& state, const std::string& name, const Replay& replay, std::vector<double>& cold,
+                  std::vector<double>& hot) {
+  cold.reserve(static_cast<std::size_t>(state.max_iterations));
+  for (auto _ : state) {
+    double t = 0;
+    const cudaError_t err = replay.time(/*cold=*/true, &t);
+    if (err != cudaSuccess) {
+      fail(state, name, std::string("timed replay: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+      return false;
+    }
+    state.SetIterationTime(t * 1e-3);
+    cold.push_back(t);
+  }
+  if (cold.empty() || static_cast<benchmark::IterationCount>(cold.size()) < state.max_iterations) return false;
+  for (std::size_t i = 0; i < cold.size(); ++i) {
+    double t = 0;
+    const cudaError_t err = replay.time(/*cold=*/false, &t);
+    if (err != cudaSuccess) {
+      fail(state, name, std::string("timed replay: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+      return false;
+    }
+    hot.push_back(t);
+  }
+  return true;
+}
+
 void run_case(benchmark::State& state, const Case& c) {
   const std::string name = to_string(c);
   const Bytes bytes = bytes_of(c);
@@ -353,29 +385,8 @@ void run_case(benchmark::State& state, const Case& c) {
     return;
   }
 
-  // One cold replay per Google Benchmark iteration, then as many hot ones.
   std::vector<double> cold, hot;
-  cold.reserve(static_cast<std::size_t>(state.max_iterations));
-  for (auto _ : state) {
-    double t = 0;
-    const cudaError_t err = replay.time(/*cold=*/true, &t);
-    if (err != cudaSuccess) {
-      fail(state, name, std::string("timed replay: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-      break;
-    }
-    state.SetIterationTime(t * 1e-3);
-    cold.push_back(t);
-  }
-  if (cold.empty() || static_cast<benchmark::IterationCount>(cold.size()) < state.max_iterations) return;
-  for (std::size_t i = 0; i < cold.size(); ++i) {
-    double t = 0;
-    const cudaError_t err = replay.time(/*cold=*/false, &t);
-    if (err != cudaSuccess) {
-      fail(state, name, std::string("timed replay: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-      return;
-    }
-    hot.push_back(t);
-  }
+  if (!time_replays(state, name, replay, cold, hot)) return;
 
   const double seconds = median(cold) * 1e-3;
   Result r{c, seconds * 1e6, median(hot) * 1e3, bytes.counted / seconds * 1e-9, 0};
@@ -404,6 +415,32 @@ void run_case(benchmark::State& state, const Case& c) {
     }
   }
   results()[name] = r;
+}
+
+/// A paged-cache case: made and checked by PagedAppend (paged_ops.cu), then timed as run_case times.
+void run_paged_case(benchmark::State& state, const PagedCase& c) {
+  const std::string name = c.name();
+  std::unique_ptr<PagedAppend> op;
+  Replay replay;
+  try {
+    op = std::make_unique<PagedAppend>(c, gpu().stream);
+    cuda_ok(replay.capture(calls_per_replay(c.bytes()), [&] { return op->launch(gpu().stream); }), "graph capture");
+    double t = 0;
+    cuda_ok(replay.time(/*cold=*/true, &t), "warm-up");
+    cuda_ok(replay.time(/*cold=*/false, &t), "warm-up");
+  } catch (const std::exception& e) {
+    fail(state, name, e.what());
+    return;
+  }
+  std::vector<double> cold, hot;
+  if (!time_replays(state, name, replay, cold, hot)) return;
+  const double seconds = median(cold) * 1e-3, gbps = c.bytes() / seconds * 1e-9;
+  state.counters["median_us"] = seconds * 1e6;
+  state.counters["hot_us"] = median(hot) * 1e3;
+  state.counters["calls_per_replay"] = replay.calls();
+  state.counters["bytes"] = c.bytes();
+  state.counters["GB/s"] = gbps;
+  if (gpu().copy_gbps > 0) state.counters["%copy"] = 100.0 * gbps / gpu().copy_gbps;
 }
 
 // --- which cases exist, and which run by default ----------------------------------------------
@@ -495,6 +532,15 @@ void register_cases(bool (*wanted)(const Case&)) {
         ->Unit(benchmark::kMicrosecond)
         ->Iterations(iterations_for(c));
   }
+}
+
+/// The paged cases belong to the default workload (and to any filter that names them).
+void register_paged_cases() {
+  for (const PagedCase& c : paged_cases())
+    benchmark::RegisterBenchmark(c.name().c_str(), [c](benchmark::State& s) { run_paged_case(s, c); })
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond)
+        ->Iterations(c.decode ? 50 : 30);
 }
 
 // --- output ------------------------------------------------------------------------------------
@@ -786,6 +832,7 @@ int main(int argc, char** argv) {
 
   // A filter chooses among every case; otherwise the mode's own list is all that is registered.
   register_cases(filtered ? nullptr : paper ? in_paper_workload : in_default_workload);
+  if (filtered || !paper) register_paged_cases();
 
   if (!listing) {
     int devices = 0;

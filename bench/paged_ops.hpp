@@ -1,0 +1,61 @@
+// bench/paged_ops.hpp: the paged cache's benchmark cases (kvq::append_kv), made and checked in
+// paged_ops.cu, timed by kvq_bench.cu like every other case.
+//
+// Names read op/dtype/scheme/shape: append_kv/half/per_token_head/decode_S64_H8_D128_P16 is one
+// decode step of 64 sequences (one new token each, 8 KV heads of 128 channels, pages of 16 tokens);
+// .../prefill_T32768_H8_D128_P16 a prefill chunk of 32768 tokens of one sequence.
+#pragma once
+
+#include "bench_case.hpp"
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kvq_bench {
+
+struct PagedCase {
+  DType dtype = DType::kHalf;
+  bool decode = true;         // decode: `tokens` sequences with one token each; prefill: one sequence
+  std::int64_t tokens = 0;
+  std::int64_t kv_heads = 8;
+  std::int64_t head_dim = 128;
+  std::int64_t page_size = 16;
+
+  std::string name() const {
+    const std::string shape = decode ? "decode_S" + std::to_string(tokens) : "prefill_T" + std::to_string(tokens);
+    return std::string("append_kv/") + to_string(dtype) + "/per_token_head/" + shape + "_H" +
+           std::to_string(kv_heads) + "_D" + std::to_string(head_dim) + "_P" + std::to_string(page_size);
+  }
+  /// K and V read, slots read, codes and fp32 scales written: each once.
+  double bytes() const {
+    const double rows = static_cast<double>(tokens * kv_heads) * 2;
+    return rows * static_cast<double>(head_dim) * (static_cast<double>(size_of(dtype)) + 1) + rows * 4 +
+           static_cast<double>(tokens) * 8;
+  }
+};
+
+/// The default workload's paged cases: decode steps of 1 to 256 sequences and a 32768-token
+/// prefill chunk (pages of 16 and 64), fp16, bf16 and fp32.
+std::vector<PagedCase> paged_cases();
+
+/// One append's operands on the GPU: inputs filled, the cache poisoned, the call run once and the
+/// whole cache (codes, scales and the bytes between) compared with kvq::reference::append_kv.
+class PagedAppend {
+ public:
+  /// Throws std::runtime_error on a CUDA error or a result that differs from the reference.
+  PagedAppend(const PagedCase& c, cudaStream_t stream);
+  ~PagedAppend();
+  PagedAppend(const PagedAppend&) = delete;
+  PagedAppend& operator=(const PagedAppend&) = delete;
+  cudaError_t launch(cudaStream_t stream) const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
+}  // namespace kvq_bench
