@@ -49,6 +49,7 @@ OPS = {
     "dequantize_per_token": ("dequantize/{dtype}/per_token", "dequantize (per-token)"),
     "given_g128": ("quantize_with_scales/{dtype}/per_channel_g128", "given per-channel scales, groups of 128"),
     "dequantize_g128": ("dequantize/{dtype}/per_channel_g128", "dequantize (per-channel, groups of 128)"),
+    "append_kv": ("append_kv/{dtype}/per_token_head", "paged append of K and V (per token-head)"),
 }
 HEADLINE_OPS = ("per_channel", "per_token", "given", "dequantize", "per_channel_g128", "per_token_g32")
 ROW_OPS = ("per_token", "given_per_token", "dequantize_per_token")
@@ -63,6 +64,12 @@ VIEWS = [("THD", dict(tokens=128, heads=8, batch=1, channels=128)),
          ("THD", dict(tokens=32768, heads=8, batch=1, channels=256)),
          ("BHTD", dict(tokens=8192, heads=8, batch=4, channels=128))]
 
+# The paged cache's append cases (paged_ops.cu, paged_cases): (decode, tokens, page size), 8 KV heads
+# of 128 channels. A decode step of S sequences writes one token into each one's page; a prefill
+# chunk writes T tokens of one sequence into shuffled pages.
+PAGED = [(True, 1, 16), (True, 8, 16), (True, 64, 16), (True, 256, 16), (False, 32768, 16), (False, 32768, 64)]
+PAGED_HEADS, PAGED_DIM = 8, 128
+
 MAX_CALLS_PER_REPLAY = 20
 REPLAY_BYTES = 8e9  # kvq_bench.cu: kReplayBytes
 
@@ -74,6 +81,8 @@ def calls_per_replay(nbytes):
 
 def shape_name(r):
     t, d = r["tokens"], r["channels"]
+    if r["layout"] == "paged":
+        return (f"decode_S{t}" if r["decode"] else f"prefill_T{t}") + f"_H{r['heads']}_D{d}_P{r['page_size']}"
     if r["layout"] == "rows":
         return f"rows{t}_D{d}"
     if r["layout"] == "THD":
@@ -88,6 +97,14 @@ def make_row(dtype, layout, op, tokens, channels, heads=1, batch=1, eager=False)
              eager=eager)
     r["kvq_case"] = OPS[op][0].format(dtype=dtype) + "/auto/" + shape_name(r)
     r["elements"] = batch * heads * tokens * channels
+    return r
+
+
+def make_paged_row(dtype, decode, tokens, page_size):
+    r = dict(dtype=dtype, layout="paged", op="append_kv", tokens=tokens, channels=PAGED_DIM, heads=PAGED_HEADS,
+             batch=1, eager=False, decode=decode, page_size=page_size)
+    r["kvq_case"] = OPS["append_kv"][0].format(dtype=dtype) + "/" + shape_name(r)
+    r["elements"] = 2 * tokens * PAGED_HEADS * PAGED_DIM  # K and V
     return r
 
 
@@ -106,6 +123,7 @@ def cases(quick):
     for dt in DTYPES:
         for layout, v in VIEWS:
             rows += [make_row(dt, layout, op, **v) for op in VIEW_OPS]
+    rows += [make_paged_row(dt, *p) for dt in DTYPES for p in PAGED]
     rows += [make_row(dt, "matrix", op, *HEADLINE, eager=True) for dt in DTYPES for op in HEADLINE_OPS]
     if not quick:
         rows += [make_row("float", "matrix", "given", t, d, eager=True) for (t, d) in PAPER_SHAPES if (t, d) != HEADLINE]
@@ -169,7 +187,16 @@ def make_ops(torch):
         scale = scale_of(xg.abs().amax(dim=2, keepdim=True))
         return codes(xg, scale).view(t, d), scale
 
+    def append_kv(k, v, slots, k_cache, v_cache, k_scales, v_scales):
+        """vLLM's reshape_and_cache with int8 per token-head, as a PyTorch user writes it: k, v
+        [T, H, D]; caches [slots, H, D] int8 (NHD pages, flattened), scales [slots, H] fp32."""
+        for x, cache, scales in ((k, k_cache, k_scales), (v, v_cache, v_scales)):
+            q, scale = per_token(x.float())
+            cache.index_copy_(0, slots, q)
+            scales.index_copy_(0, slots, scale.squeeze(-1))
+
     return {"per_channel": per_channel, "per_token": per_token, "given": given, "dequantize": dequantize,
+            "append_kv": append_kv,
             "per_channel_g128": per_channel_g128, "per_token_g32": per_token_g32, "given_per_token": given,
             "dequantize_per_token": dequantize, "given_g128": given_g128, "dequantize_g128": dequantize_g128}
 
@@ -183,6 +210,19 @@ SOURCE_OP = {"given": "per_channel", "dequantize": "per_channel", "given_per_tok
 def make_args(torch, ops, r, tdt):
     """The inputs of row r's op: x in its layout, uniform in [-1, 1) (never zeros)."""
     t, d, h, b = r["tokens"], r["channels"], r["heads"], r["batch"]
+    if r["layout"] == "paged":  # as paged_ops.cu: twice the pages needed, handed out shuffled
+        ps = r["page_size"]
+        pages = 2 * (t if r["decode"] else (t + ps - 1) // ps) + 1
+        order = torch.randperm(pages, device="cuda")
+        if r["decode"]:
+            slots = order[:t] * ps + torch.randint(0, ps, (t,), device="cuda")
+        else:
+            pos = torch.arange(t, device="cuda")
+            slots = order[pos // ps] * ps + pos % ps
+        k, v = ((torch.rand(t, h, d, device="cuda") * 2 - 1).to(tdt) for _ in range(2))
+        caches = [torch.zeros(pages * ps, h, d, dtype=torch.int8, device="cuda") for _ in range(2)]
+        scales = [torch.ones(pages * ps, h, device="cuda") for _ in range(2)]
+        return (k, v, slots, *caches, *scales)
     shape = {"matrix": (t, d), "rows": (t, d), "THD": (t, h, d), "BHTD": (b, h, t, d)}[r["layout"]]
     x = (torch.rand(*shape, device="cuda") * 2 - 1).to(tdt)
     op = r["op"]
@@ -278,9 +318,12 @@ def time_row(torch, row, ops, compiled, timer, compile_mode):
     if row["eager"]:
         row["eager_us"], row["eager_hot_us"] = timer.time(lambda: ops[op](*args), calls, replays)
     # Same code, two backends: do they agree? (Triton may divide differently from eager CUDA.)
-    ref = ops[op](*args)
-    a, b = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
-    row["compile_mismatches"] = mismatches(torch, a, b)
+    if out is None:  # an in-place op (the paged append): nothing returned to compare
+        row["compile_mismatches"] = 0
+    else:
+        ref = ops[op](*args)
+        a, b = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
+        row["compile_mismatches"] = mismatches(torch, a, b)
     print(f"  torch {row['dtype']:8s} {shape_name(row):24s} {op:20s} compile {row['compile_us']:10.2f} us cold "
           f"{row['compile_hot_us']:10.2f} us hot (compiled in {row['compile_seconds']} s)"
           + (f"   eager {row['eager_us']:10.1f} us" if row["eager"] else ""), flush=True)
@@ -366,8 +409,8 @@ def load_kvq(paths):
         with open(path) as f:
             data = json.load(f)
         context = context or data.get("context", {})
-        # op/dtype/granularity/variant/shape, without Google Benchmark's /iterations:N/manual_time
-        runs.update({"/".join(b["name"].split("/")[:5]): b for b in data.get("benchmarks", [])
+        # the case's name, without Google Benchmark's /iterations:N/manual_time
+        runs.update({b["name"].split("/iterations:")[0]: b for b in data.get("benchmarks", [])
                      if b.get("run_type", "iteration") == "iteration"})
     return context, runs
 

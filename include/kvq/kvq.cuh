@@ -5,6 +5,8 @@
 //   quantize.cuh   host API: compute_scales, quantize, quantize_with_scales, dequantize
 //   study.cuh      the same with a Variant: the paper's strategies, for benchmarks and studies
 //   device.cuh     device-side building blocks for engines' own kernels
+//   paged.hpp      the paged cache: PagedCache, PageStrides, TokenRows, SequenceTable, validation
+//   paged.cuh      append_kv, gather_kv on the paged cache
 //   reference.hpp  CPU reference of every operation
 //   metrics.hpp    error metrics
 #pragma once
@@ -12,6 +14,7 @@
 #include <kvq/device.cuh>
 #include <kvq/metrics.hpp>
 #include <kvq/numerics.hpp>
+#include <kvq/paged.cuh>
 #include <kvq/quantize.cuh>
 #include <kvq/reference.hpp>
 #include <kvq/study.cuh>
