@@ -31,14 +31,24 @@ inline const char* to_string(PoolLayout l) {
   }
 }
 
+/// kKeysPerChannelPage's extra: sequence ids, sinks and the full-precision element type.
+struct ByPage {
+  std::int64_t max_seqs = 0;  // 0: the cache is kPerTokenHead
+  std::int64_t sink_tokens = 0;
+  ElementType type = ElementType::kHalf;
+};
+
 struct CacheLayout {
   std::int64_t num_pages, page_size, kv_heads, head_dim;
   PoolLayout layout;
+  ByPage by_page;
   PageStrides strides;
   std::int64_t k_codes = 0, v_codes = 0, k_scales = 0, v_scales = 0, bytes = 0;  // offsets in the buffer
+  std::int64_t k_open = 0, k_sink = 0, v_sink = 0;
 
-  CacheLayout(std::int64_t pages, std::int64_t ps, std::int64_t heads, std::int64_t dim, PoolLayout l)
-      : num_pages(pages), page_size(ps), kv_heads(heads), head_dim(dim), layout(l) {
+  CacheLayout(std::int64_t pages, std::int64_t ps, std::int64_t heads, std::int64_t dim, PoolLayout l,
+              ByPage bp = {})
+      : num_pages(pages), page_size(ps), kv_heads(heads), head_dim(dim), layout(l), by_page(bp) {
     const std::int64_t page_codes = ps * heads * dim;
     std::int64_t pool = 0;
     if (l == PoolLayout::kNhdPadded) {
@@ -56,8 +66,16 @@ struct CacheLayout {
       v_codes = page_codes;
     }
     k_scales = (pool + 63) / 64 * 64 + 64;  // 64 untouched bytes between codes and scales
-    v_scales = k_scales + pages * ps * heads * 4 + 64;
+    const std::int64_t k_scale_bytes = (bp.max_seqs > 0 ? pages * heads * dim : pages * ps * heads) * 4;
+    v_scales = k_scales + k_scale_bytes + 64;
     bytes = v_scales + pages * ps * heads * 4 + 64;
+    if (bp.max_seqs > 0) {
+      const std::int64_t e = static_cast<std::int64_t>(element_size(bp.type)), row = heads * dim * e;
+      k_open = bytes;
+      k_sink = k_open + bp.max_seqs * ps * row + 64;
+      v_sink = k_sink + bp.max_seqs * bp.sink_tokens * row + 64;
+      bytes = v_sink + bp.max_seqs * bp.sink_tokens * row + 64;
+    }
   }
 
   PagedCache cache(std::uint8_t* base) const {
@@ -71,11 +89,21 @@ struct CacheLayout {
     c.k_strides = c.v_strides = strides;
     c.k_scales = reinterpret_cast<float*>(base + k_scales);
     c.v_scales = reinterpret_cast<float*>(base + v_scales);
+    if (by_page.max_seqs > 0) {
+      c.scheme = PagedScheme::kKeysPerChannelPage;
+      c.open_type = by_page.type;
+      c.max_seqs = by_page.max_seqs;
+      c.sink_tokens = by_page.sink_tokens;
+      c.k_open = base + k_open;
+      c.k_sink = by_page.sink_tokens > 0 ? base + k_sink : nullptr;
+      c.v_sink = by_page.sink_tokens > 0 ? base + v_sink : nullptr;
+    }
     return c;
   }
   std::string name() const {
     return std::string(to_string(layout)) + " page " + std::to_string(page_size) + " heads " +
-           std::to_string(kv_heads) + " dim " + std::to_string(head_dim);
+           std::to_string(kv_heads) + " dim " + std::to_string(head_dim) +
+           (by_page.max_seqs > 0 ? " keys per channel, sinks " + std::to_string(by_page.sink_tokens) : "");
   }
 };
 
@@ -97,6 +125,8 @@ class Traffic {
   /// slots (-1) are mixed in.
   std::vector<std::int64_t> step(bool decode, std::int64_t max_chunk) {
     std::vector<std::int64_t> slots;
+    seq_ids_.clear();
+    positions_.clear();
     const int n = static_cast<int>(lens_.size());
     for (int s = 0; s < n; ++s) {
       if (!decode && rng_() % 3 != 0) continue;
@@ -110,12 +140,22 @@ class Traffic {
         }
         slots.push_back(static_cast<std::int64_t>(table_[s * max_pages_ + pos / page_size_]) * page_size_ +
                         pos % page_size_);
+        seq_ids_.push_back(s);
+        positions_.push_back(static_cast<std::int32_t>(pos));
         ++lens_[s];
       }
-      if (rng_() % 4 == 0) slots.push_back(-1);
+      if (rng_() % 4 == 0) {  // padding: its id and position are garbage, the slot says skip
+        slots.push_back(-1);
+        seq_ids_.push_back(static_cast<std::int32_t>(rng_() % n));
+        positions_.push_back(static_cast<std::int32_t>(rng_() % 1000));
+      }
     }
     return slots;
   }
+
+  /// The last step's sequence ids and positions, one per slot (kKeysPerChannelPage's append).
+  const std::vector<std::int32_t>& seq_ids() const { return seq_ids_; }
+  const std::vector<std::int32_t>& positions() const { return positions_; }
 
   const std::vector<std::int32_t>& lens() const { return lens_; }
   const std::vector<std::int32_t>& table() const { return table_; }
@@ -129,7 +169,7 @@ class Traffic {
  private:
   std::int64_t page_size_, max_pages_;
   std::mt19937_64 rng_;
-  std::vector<std::int32_t> lens_, table_, free_;
+  std::vector<std::int32_t> lens_, table_, free_, seq_ids_, positions_;
 };
 
 }  // namespace kvq::test

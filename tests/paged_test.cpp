@@ -12,7 +12,10 @@
 #include <cuda_fp16.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -161,6 +164,170 @@ TEST(PagedReference, UntrustedTablesAreSkippedAndCounted) {
   for (std::int64_t row = 20; row < 30; ++row) EXPECT_EQ(k[row * 64], -7.0f) << "a skipped sequence was written";
 }
 
+// --- keys per channel per page ---
+
+/// What a kKeysPerChannelPage cache must hold after `traffic`'s steps wrote `k` and `v` (rows of
+/// heads * dim per (sequence, position)), derived from the dense reference: V rows per token, full
+/// pages of keys per channel over their non-sink tokens, the open page's rows as `open_writer`
+/// says who last wrote each, the sinks verbatim; poison everywhere else.
+template <class T>
+std::vector<std::uint8_t> expected_by_page(const CacheLayout& L, const Traffic& traffic,
+                                           const std::vector<std::vector<std::vector<T>>>& k,
+                                           const std::vector<std::vector<std::vector<T>>>& v,
+                                           const std::vector<std::vector<std::int64_t>>& open_writer) {
+  std::vector<std::uint8_t> bytes(L.bytes, kCachePoison);
+  const PagedCache c = L.cache(bytes.data());
+  const std::int64_t ps = c.page_size, heads = c.kv_heads, dim = c.head_dim, row = heads * dim;
+  const QuantSpec per_token{Granularity::kPerToken, 0}, per_channel{Granularity::kPerChannel, 0};
+  auto codes_at = [&](std::int8_t* pool, std::int64_t page, std::int64_t off, std::int64_t h) {
+    return pool + page * L.strides.page_stride + off * L.strides.token_stride + h * L.strides.head_stride;
+  };
+  for (std::size_t s = 0; s < traffic.lens().size(); ++s) {
+    const std::int64_t len = traffic.lens()[s];
+    for (std::int64_t pos = 0; pos < len; ++pos) {
+      const std::int64_t page = traffic.table()[s * traffic.max_pages() + pos / ps], off = pos % ps;
+      for (std::int64_t h = 0; h < heads; ++h) {  // values: per token
+        float scale = 0;
+        EXPECT_EQ(reference::quantize(v[s][pos].data() + h * dim, contiguous_view(1, dim), per_token,
+                                      codes_at(c.v_codes, page, off, h), &scale), cudaSuccess);
+        c.v_scales[c.scale_offset(page * ps + off, h)] = scale;
+      }
+      if (pos < c.sink_tokens)
+        for (std::int64_t i = 0; i < row; ++i) {
+          static_cast<T*>(c.k_sink)[c.sink_offset(s, pos, 0, 0) + i] = k[s][pos][i];
+          static_cast<T*>(c.v_sink)[c.sink_offset(s, pos, 0, 0) + i] = v[s][pos][i];
+        }
+    }
+    for (std::int64_t p = 0; (p + 1) * ps <= len; ++p) {  // full pages of keys: per channel
+      const std::int64_t page = traffic.table()[s * traffic.max_pages() + p];
+      const std::int64_t first = std::max(p * ps, c.sink_tokens), end = (p + 1) * ps;
+      std::vector<T> x;  // the page's non-sink rows, [rows, heads, dim]
+      for (std::int64_t q = first; q < end; ++q) x.insert(x.end(), k[s][q].begin(), k[s][q].end());
+      std::vector<float> scales(heads * dim, 1.0f);  // no token: amax 0, scale 1
+      std::vector<std::int8_t> ignored(x.size());
+      const std::int64_t rows = end - first;
+      if (rows > 0) {
+        EXPECT_EQ(reference::quantize(x.data(), KvView{heads, rows, dim, dim, row}, per_channel, ignored.data(),
+                                      scales.data()), cudaSuccess);
+      }
+      for (std::int64_t h = 0; h < heads; ++h)
+        for (std::int64_t ch = 0; ch < dim; ++ch) {
+          const float sc = scales[h * dim + ch];
+          c.k_scales[c.channel_scale_offset(page, h, ch)] = sc;
+          for (std::int64_t q = p * ps; q < end; ++q)
+            codes_at(c.k_codes, page, q % ps, h)[ch] = quantize_value(to_float(k[s][q][h * dim + ch]), sc);
+        }
+    }
+    for (std::int64_t r = 0; r < ps; ++r)  // the open-page buffer
+      if (open_writer[s][r] >= 0)
+        for (std::int64_t i = 0; i < row; ++i) static_cast<T*>(c.k_open)[c.open_offset(s, r, 0, 0) + i] = k[s][open_writer[s][r]][i];
+  }
+  return bytes;
+}
+
+template <class T>
+class PagedReferenceByPage : public ::testing::Test {};
+TYPED_TEST_SUITE(PagedReferenceByPage, Types);
+
+TYPED_TEST(PagedReferenceByPage, FullPagesEqualDensePerChannelQuantizeAndTheOpenPageIsKeptExact) {
+  using T = TypeParam;
+  for (PoolLayout layout : {PoolLayout::kNhdPadded, PoolLayout::kHnd, PoolLayout::kInterleavedNhd})
+    for (std::int64_t page_size : {1, 16, 64})
+      for (std::int64_t dim : {64, 80})
+        for (std::int64_t sinks : {0, 1, 4}) {
+          constexpr int kSeqs = 5;
+          const std::int64_t heads = 2, pages = 2048 / page_size + 3;
+          const CacheLayout L(pages, page_size, heads, dim, layout, ByPage{kSeqs, sinks, element_type_of<T>()});
+          std::vector<std::uint8_t> bytes(L.bytes, kCachePoison);
+          const PagedCache cache = L.cache(bytes.data());
+          ASSERT_EQ(validate_cache(cache), cudaSuccess) << L.name();
+          Traffic traffic(kSeqs, pages, page_size, pages / kSeqs, page_size * 5 + dim + sinks);
+          std::vector<std::vector<std::vector<T>>> hk(kSeqs), hv(kSeqs);  // [seq][pos] -> heads * dim
+          std::vector<std::vector<std::int64_t>> open_writer(kSeqs, std::vector<std::int64_t>(page_size, -1));
+          unsigned long long errors = 0, want_errors = 0;
+          int straddles = 0;
+          for (int step = 0; step < 6; ++step) {
+            std::vector<std::int32_t> lens_before = traffic.lens();
+            // Chunks up to 3 pages and a bit: a chunk then closes a partial page, fills pages and
+            // leaves a new one open in one call.
+            std::vector<std::int64_t> slots = traffic.step(step % 3 == 2, 3 * page_size + 5);
+            std::vector<std::int32_t> ids = traffic.seq_ids(), pos = traffic.positions();
+            // Untrusted: an id past max_seqs, a negative position, a slot whose offset is not the position's.
+            slots.push_back(0), ids.push_back(kSeqs), pos.push_back(0);
+            slots.push_back(0), ids.push_back(0), pos.push_back(-3);
+            if (page_size > 1) slots.push_back(1), ids.push_back(1), pos.push_back(0);
+            want_errors += page_size > 1 ? 3 : 2;
+            const std::int64_t n = static_cast<std::int64_t>(slots.size());
+            const std::vector<T> k = random_rows<T>(n * heads * dim, step * 31 + dim + sinks);
+            const std::vector<T> v = random_rows<T>(n * heads * dim, step * 37 + dim + sinks);
+            ASSERT_EQ(reference::append_kv(k.data(), v.data(), dense_rows(n, heads, dim), slots.data(),
+                                           TokenPositions{ids.data(), pos.data()}, cache, &errors),
+                      cudaSuccess);
+            for (std::int64_t t = 0; t < n; ++t) {  // the history the expected cache is built from
+              if (slots[t] < 0 || ids[t] >= kSeqs || pos[t] < 0 || slots[t] % page_size != pos[t] % page_size) continue;
+              auto& sk = hk[ids[t]];
+              auto& sv = hv[ids[t]];
+              ASSERT_EQ(static_cast<std::int64_t>(sk.size()), pos[t]);
+              sk.emplace_back(k.begin() + t * heads * dim, k.begin() + (t + 1) * heads * dim);
+              sv.emplace_back(v.begin() + t * heads * dim, v.begin() + (t + 1) * heads * dim);
+            }
+            for (int s = 0; s < kSeqs; ++s) {  // the open page after the step: its new rows were written
+              const std::int64_t len = traffic.lens()[s], open_start = len / page_size * page_size;
+              const std::int64_t p0 = lens_before[s], last = len - 1;  // this step's positions [p0, last]
+              // The case the GPU must order: a page half-filled before the call closes in it while
+              // the call leaves a later page open, whose rows overwrite the open buffer's.
+              straddles += len > p0 && p0 % page_size != 0 && last / page_size > p0 / page_size && len % page_size != 0;
+              if (len % page_size == 0) continue;
+              for (std::int64_t p = std::max<std::int64_t>(open_start, lens_before[s]); p < len; ++p)
+                open_writer[s][p % page_size] = p;
+            }
+          }
+          const std::string what = L.name();
+          EXPECT_EQ(errors, want_errors) << what;
+          if (page_size > 1) {
+            EXPECT_GT(straddles, 0) << what << ": the traffic never closed a half-filled page while opening another";
+          }
+          const std::vector<std::uint8_t> want = expected_by_page<T>(L, traffic, hk, hv, open_writer);
+          const auto diff = std::mismatch(bytes.begin(), bytes.end(), want.begin());
+          ASSERT_TRUE(diff.first == bytes.end())
+              << what << ": differs at byte " << (diff.first - bytes.begin()) << " (V scales at " << L.v_scales
+              << ", open buffer at " << L.k_open << ", sinks at " << L.k_sink << ", end " << L.bytes << ")";
+
+          // gather: sinks and the open page exact, full pages of keys under their channel scales.
+          const auto& lens = traffic.lens();
+          std::vector<std::int32_t> start(kSeqs);
+          std::int64_t total = 0;
+          for (int b = 0; b < kSeqs; ++b) {
+            start[b] = static_cast<std::int32_t>(total);
+            total += lens[b];
+          }
+          const SequenceTable seqs{kSeqs, traffic.max_pages(), traffic.table().data(), lens.data(), start.data(), nullptr};
+          std::vector<T> gk(std::max<std::int64_t>(total, 1) * heads * dim), gv = gk;
+          ASSERT_EQ(reference::gather_kv(cache, seqs, gk.data(), gv.data(), dense_rows(total, heads, dim)), cudaSuccess);
+          for (int b = 0; b < kSeqs; ++b)
+            for (std::int64_t t = 0; t < lens[b]; ++t) {
+              const T* got_k = &gk[(start[b] + t) * heads * dim];
+              const T* got_v = &gv[(start[b] + t) * heads * dim];
+              const bool exact_k = t < sinks || t >= lens[b] / page_size * page_size;
+              if (exact_k) {
+                ASSERT_EQ(std::memcmp(got_k, hk[b][t].data(), heads * dim * sizeof(T)), 0) << what << " K " << t;
+              }
+              if (t < sinks) {
+                ASSERT_EQ(std::memcmp(got_v, hv[b][t].data(), heads * dim * sizeof(T)), 0) << what << " V " << t;
+              }
+              if (!exact_k) {  // within half a scale of the key: dequantized per channel
+                const std::int64_t page = traffic.table()[b * traffic.max_pages() + t / page_size];
+                for (std::int64_t i = 0; i < heads * dim; ++i) {
+                  const float x = to_float(hk[b][t][i]);
+                  if (!is_finite(x)) continue;
+                  const float sc = cache.k_scales[cache.channel_scale_offset(page, i / dim, i % dim)];
+                  ASSERT_LE(std::fabs(to_float(got_k[i]) - x), 0.5f * sc * 1.01f + std::fabs(x) * 0.01f) << what;
+                }
+              }
+            }
+        }
+}
+
 // --- validation ---
 
 struct Buffers {
@@ -231,6 +398,47 @@ TEST(PagedValidation, BadCachesAreRefusedAndNothingIsTouched) {
   const CacheLayout I(16, 16, 2, 64, PoolLayout::kInterleavedNhd);
   std::vector<std::uint8_t> ib(I.bytes, kCachePoison);
   EXPECT_EQ(validate_cache(I.cache(ib.data())), cudaSuccess);
+}
+
+TEST(PagedValidation, KeysPerChannelCachesNeedTheirBuffersPositionsAndType) {
+  const CacheLayout L(16, 16, 2, 64, PoolLayout::kHnd, ByPage{4, 2, ElementType::kHalf});
+  std::vector<std::uint8_t> bytes(L.bytes, kCachePoison);
+  const std::vector<std::uint8_t> before = bytes;
+  const PagedCache good = L.cache(bytes.data());
+  ASSERT_EQ(validate_cache(good), cudaSuccess);
+  std::vector<__half> k(4 * 2 * 64, from_float<__half>(0.5f)), v = k;
+  std::vector<float> kf(4 * 2 * 64, 0.5f);
+  const std::vector<std::int64_t> slots = {0, 1, 2, 3};
+  const std::vector<std::int32_t> ids = {0, 0, 0, 0}, pos = {0, 1, 2, 3};
+  const TokenPositions tp{ids.data(), pos.data()};
+  const TokenRows rows = dense_rows(4, 2, 64);
+  EXPECT_EQ(reference::append_kv(k.data(), v.data(), rows, slots.data(), TokenPositions{}, good), cudaErrorInvalidValue)
+      << "no positions";
+  EXPECT_EQ(reference::append_kv(kf.data(), kf.data(), rows, slots.data(), tp, good), cudaErrorInvalidValue)
+      << "fp32 tokens into an fp16 cache";
+  PagedCache c = good;
+  c.k_open = nullptr;
+  EXPECT_EQ(validate_cache(c), cudaErrorInvalidValue) << "no open-page buffer";
+  c = good;
+  c.v_sink = nullptr;
+  EXPECT_EQ(validate_cache(c), cudaErrorInvalidValue) << "sinks without a buffer";
+  c = good;
+  c.max_seqs = 0;
+  EXPECT_EQ(validate_cache(c), cudaErrorInvalidValue) << "no sequences";
+  c = good;
+  c.sink_tokens = -1;
+  EXPECT_EQ(validate_cache(c), cudaErrorInvalidValue) << "negative sinks";
+  c = good;
+  c.k_open = static_cast<std::uint8_t*>(c.k_open) + 1;
+  EXPECT_EQ(validate_cache(c), cudaErrorMisalignedAddress) << "misaligned open-page buffer";
+  c = good;
+  c.k_sink = c.k_open;
+  EXPECT_EQ(validate_cache(c), cudaErrorInvalidValue) << "sinks inside the open-page buffer";
+  c = good;
+  c.open_type = static_cast<ElementType>(9);
+  EXPECT_EQ(validate_cache(c), cudaErrorInvalidValue) << "unknown element type";
+  EXPECT_TRUE(bytes == before) << "a refused call touched the cache";
+  EXPECT_EQ(reference::append_kv(k.data(), v.data(), rows, slots.data(), tp, good), cudaSuccess);
 }
 
 TEST(PagedValidation, BadAppendAndGatherArgumentsAreRefusedAndNothingIsTouched) {

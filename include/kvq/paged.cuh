@@ -38,6 +38,7 @@ template <class T>
                                            cudaStream_t stream = nullptr) {
   static_assert(detail::kSupportedType<T>, "kvq: T must be float, __half or __nv_bfloat16");
   if (cudaError_t err = validate_append_kv(k_new, v_new, rows, slot_mapping, cache); err != cudaSuccess) return err;
+  if (cache.scheme != PagedScheme::kPerTokenHead) return cudaErrorNotSupported;  // the GPU path of scheme 2: next
   if (rows.tokens == 0) return cudaSuccess;
   return detail::launch_append_kv(k_new, v_new, rows, slot_mapping, cache, error_count, stream);
 }
@@ -58,6 +59,7 @@ template <class T>
                                            cudaStream_t stream = nullptr) {
   static_assert(detail::kSupportedType<T>, "kvq: T must be float, __half or __nv_bfloat16");
   if (cudaError_t err = validate_gather_kv(cache, seqs, k_out, v_out, out); err != cudaSuccess) return err;
+  if (cache.scheme != PagedScheme::kPerTokenHead) return cudaErrorNotSupported;
   if (seqs.batch == 0 || seqs.max_pages_per_seq == 0 || out.tokens == 0) return cudaSuccess;
   return detail::launch_gather_kv(cache, seqs, k_out, v_out, out, error_count, stream);
 }

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 KVQ_NAMESPACE_BEGIN
 namespace reference {
@@ -205,41 +206,142 @@ cudaError_t dequantize(const std::int8_t* q,  // view over (batch, tokens, chann
   return cudaSuccess;
 }
 
-/// The paged cache's write path (kvq::append_kv): every (token, head) row of K and V, quantized
-/// per token into its slot. Same skipping and counting of slots as the GPU.
+namespace detail {
+
+/// x[i] of a cache's full-precision buffer, as float.
+inline float full_value(const void* p, ElementType t, std::int64_t i) {
+  switch (t) {
+    case ElementType::kFloat: return static_cast<const float*>(p)[i];
+    case ElementType::kHalf: return to_float(static_cast<const __half*>(p)[i]);
+    default: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
+  }
+}
+
+/// Whether token j is one append_kv writes under kKeysPerChannelPage: a slot in the pool, a
+/// sequence id below max_seqs, a position >= 0 whose offset in its page is the slot's.
+inline bool valid_token(const PagedCache& c, const std::int64_t* slots, const TokenPositions& tp, std::int64_t j) {
+  const std::int64_t slot = slots[j], seq = tp.seq_ids[j], pos = tp.positions[j];
+  return slot >= 0 && slot < c.slots() && seq >= 0 && seq < c.max_seqs && pos >= 0 && pos % c.page_size == slot % c.page_size;
+}
+
+/// The run of valid token t: the consecutive rows around it that are valid tokens of the same
+/// sequence at consecutive positions.
+struct TokenRun {
+  std::int64_t first_row, first_pos, last_pos;
+};
+inline TokenRun run_of(const PagedCache& c, const std::int64_t* slots, const TokenPositions& tp, std::int64_t tokens,
+                       std::int64_t t) {
+  const std::int32_t seq = tp.seq_ids[t];
+  const std::int64_t pos = tp.positions[t];
+  auto member = [&](std::int64_t j) {
+    return j >= 0 && j < tokens && valid_token(c, slots, tp, j) && tp.seq_ids[j] == seq && tp.positions[j] == pos + (j - t);
+  };
+  std::int64_t a = t, b = t;
+  while (member(a - 1)) --a;
+  while (member(b + 1)) ++b;
+  return TokenRun{a, pos - (t - a), pos + (b - t)};
+}
+
+}  // namespace detail
+
+/// The paged cache's write path (kvq::append_kv): every (token, head) row of K and V quantized
+/// into its slot; under kKeysPerChannelPage keys per channel when their page fills. Same skipping
+/// and counting of untrusted slots (and ids and positions) as the GPU.
 template <class T>
 cudaError_t append_kv(const T* k_new,  // rows (tokens, kv_heads, head_dim)
                       const T* v_new,  // rows
                       const TokenRows& rows,
                       const std::int64_t* slot_mapping,  // (tokens)
+                      const TokenPositions& positions,   // (tokens) each; kKeysPerChannelPage only
                       const PagedCache& cache,
                       unsigned long long* error_count = nullptr) {
-  if (cudaError_t err = validate_append_kv(k_new, v_new, rows, slot_mapping, cache); err != cudaSuccess) return err;
-  const std::int64_t d = cache.head_dim;
+  if (cudaError_t err = validate_append_kv(k_new, v_new, rows, slot_mapping, positions, cache); err != cudaSuccess)
+    return err;
+  const std::int64_t d = cache.head_dim, ps = cache.page_size, heads = cache.kv_heads;
+  const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
+  auto code_at = [&](const PageStrides& s, std::int8_t* pool, std::int64_t page, std::int64_t offset, std::int64_t h) {
+    return pool + page * s.page_stride + offset * s.token_stride + h * s.head_stride;
+  };
+  auto row_of = [&](const T* x, std::int64_t t, std::int64_t h) { return x + t * rows.token_stride + h * rows.head_stride; };
+  auto quantize_row = [&](const T* x, std::int8_t* q, float* scale) {
+    detail::per_token_row_scales(x, d, d, scale);  // one group: the whole row
+    for (std::int64_t c = 0; c < d; ++c) q[c] = quantize_value(to_float(x[c]), *scale);
+  };
   for (std::int64_t t = 0; t < rows.tokens; ++t) {
     const std::int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;
-    if (slot >= cache.slots()) {
+    if (slot < 0) continue;  // padding
+    const bool valid = by_page ? detail::valid_token(cache, slot_mapping, positions, t) : slot < cache.slots();
+    if (!valid) {
       if (error_count != nullptr) ++*error_count;
       continue;
     }
-    const std::int64_t page = slot / cache.page_size, offset = slot % cache.page_size;
-    for (std::int64_t h = 0; h < cache.kv_heads; ++h)
-      for (int kv = 0; kv < 2; ++kv) {
-        const PageStrides& s = kv ? cache.v_strides : cache.k_strides;
-        const T* x = (kv ? v_new : k_new) + t * rows.token_stride + h * rows.head_stride;
-        std::int8_t* q = (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride +
-                         h * s.head_stride;
-        float* scale = (kv ? cache.v_scales : cache.k_scales) + cache.scale_offset(slot, h);
-        detail::per_token_row_scales(x, d, d, scale);  // one group: the whole row
-        for (std::int64_t c = 0; c < d; ++c) q[c] = quantize_value(to_float(x[c]), *scale);
-      }
+    const std::int64_t page = slot / ps, offset = slot % ps;
+    for (std::int64_t h = 0; h < heads; ++h) {
+      quantize_row(row_of(v_new, t, h), code_at(cache.v_strides, cache.v_codes, page, offset, h),
+                   cache.v_scales + cache.scale_offset(slot, h));
+      if (!by_page)
+        quantize_row(row_of(k_new, t, h), code_at(cache.k_strides, cache.k_codes, page, offset, h),
+                     cache.k_scales + cache.scale_offset(slot, h));
+    }
   }
+  if (!by_page) return cudaSuccess;
+
+  // Keys per channel per page. As the GPU: every closing page reads the open-page buffer as it was
+  // before the call, then the open pages the call leaves are written to it; sinks are copied.
+  T* open = static_cast<T*>(cache.k_open);
+  std::vector<T> staged;  // the rows written to `open`, after every page is closed
+  std::vector<std::int64_t> staged_at;
+  for (std::int64_t t = 0; t < rows.tokens; ++t) {
+    if (slot_mapping[t] < 0 || !detail::valid_token(cache, slot_mapping, positions, t)) continue;
+    const std::int64_t seq = positions.seq_ids[t], pos = positions.positions[t], slot = slot_mapping[t];
+    const detail::TokenRun run = detail::run_of(cache, slot_mapping, positions, rows.tokens, t);
+    const std::int64_t page_index = pos / ps, last_page = run.last_pos / ps;
+    const bool closes = page_index < last_page || (run.last_pos + 1) % ps == 0;
+    for (std::int64_t h = 0; h < heads; ++h) {
+      if (pos < cache.sink_tokens) {
+        for (std::int64_t c = 0; c < d; ++c) {
+          static_cast<T*>(cache.k_sink)[cache.sink_offset(seq, pos, h, c)] = row_of(k_new, t, h)[c];
+          static_cast<T*>(cache.v_sink)[cache.sink_offset(seq, pos, h, c)] = row_of(v_new, t, h)[c];
+        }
+      }
+      if (!closes) {  // the open page after the call
+        for (std::int64_t c = 0; c < d; ++c) {
+          staged.push_back(row_of(k_new, t, h)[c]);
+          staged_at.push_back(cache.open_offset(seq, pos % ps, h, c));
+        }
+        continue;
+      }
+      if (pos % ps != ps - 1) continue;  // only the page's last token closes it
+      const std::int64_t page = slot / ps, start = page_index * ps;
+      const std::int64_t old_end = page_index == run.first_pos / ps ? run.first_pos : start;  // [start, old_end): open buffer
+      auto key = [&](std::int64_t q, std::int64_t c) {
+        return q < old_end ? to_float(open[cache.open_offset(seq, q % ps, h, c)])
+                           : to_float(row_of(k_new, run.first_row + (q - run.first_pos), h)[c]);
+      };
+      for (std::int64_t c = 0; c < d; ++c) {
+        std::uint32_t amax = 0;
+        for (std::int64_t q = std::max(start, cache.sink_tokens); q <= pos; ++q) amax = std::max(amax, finite_abs_bits(key(q, c)));
+        const float scale = scale_from_amax(bits_to_float(amax));
+        cache.k_scales[cache.channel_scale_offset(page, h, c)] = scale;
+        for (std::int64_t q = start; q <= pos; ++q)
+          code_at(cache.k_strides, cache.k_codes, page, q % ps, h)[c] = quantize_value(key(q, c), scale);
+      }
+    }
+  }
+  for (std::size_t i = 0; i < staged.size(); ++i) open[staged_at[i]] = staged[i];
   return cudaSuccess;
 }
 
-/// The paged cache's read path (kvq::gather_kv): the sequences' tokens dequantized to dense rows.
-/// Same skipping and counting of untrusted table data as the GPU.
+/// append_kv under kPerTokenHead (no positions needed).
+template <class T>
+cudaError_t append_kv(const T* k_new, const T* v_new, const TokenRows& rows, const std::int64_t* slot_mapping,
+                      const PagedCache& cache, unsigned long long* error_count = nullptr) {
+  return append_kv(k_new, v_new, rows, slot_mapping, TokenPositions{}, cache, error_count);
+}
+
+/// The paged cache's read path (kvq::gather_kv): the sequences' tokens dequantized to dense rows;
+/// under kKeysPerChannelPage the open page's keys and the sinks come from their full-precision
+/// buffers. Same skipping and counting of untrusted table data as the GPU.
 template <class T>
 cudaError_t gather_kv(const PagedCache& cache, const SequenceTable& seqs,
                       T* k_out,  // out (tokens, kv_heads, head_dim)
@@ -248,33 +350,46 @@ cudaError_t gather_kv(const PagedCache& cache, const SequenceTable& seqs,
                       unsigned long long* error_count = nullptr) {
   if (cudaError_t err = validate_gather_kv(cache, seqs, k_out, v_out, out); err != cudaSuccess) return err;
   if (seqs.batch == 0 || seqs.max_pages_per_seq == 0 || out.tokens == 0) return cudaSuccess;
-  const std::int64_t max_tokens = seqs.max_pages_per_seq * cache.page_size;
+  const std::int64_t max_tokens = seqs.max_pages_per_seq * cache.page_size, ps = cache.page_size;
+  const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
   auto count = [&] {
     if (error_count != nullptr) ++*error_count;
   };
   for (std::int64_t b = 0; b < seqs.batch; ++b) {
     const std::int64_t len = seqs.seq_lens[b];
-    if (len < 0 || len > max_tokens) {
+    const std::int64_t seq = seqs.seq_ids != nullptr ? seqs.seq_ids[b] : b;
+    if (len < 0 || len > max_tokens || (by_page && (seq < 0 || seq >= cache.max_seqs))) {
       count();
       continue;
     }
     const std::int64_t start = seqs.out_start != nullptr ? seqs.out_start[b] : b * max_tokens;
+    const std::int64_t closed_end = len / ps * ps;  // tokens of full pages
     for (std::int64_t t = 0; t < len; ++t) {
-      const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / cache.page_size];
+      const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / ps];
       const std::int64_t row = start + t;
       if (page < 0 || page >= cache.num_pages || row < 0 || row >= out.tokens) {
         count();
         continue;
       }
-      const std::int64_t offset = t % cache.page_size, slot = page * cache.page_size + offset;
+      const std::int64_t offset = t % ps, slot = page * ps + offset;
       for (std::int64_t h = 0; h < cache.kv_heads; ++h)
         for (int kv = 0; kv < 2; ++kv) {
           const PageStrides& s = kv ? cache.v_strides : cache.k_strides;
           const std::int8_t* q = (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride +
                                  offset * s.token_stride + h * s.head_stride;
-          const float scale = sanitize_scale((kv ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)]);
           T* y = (kv ? v_out : k_out) + row * out.token_stride + h * out.head_stride;
-          for (std::int64_t c = 0; c < cache.head_dim; ++c) y[c] = dequantize_value<T>(q[c], scale);
+          for (std::int64_t c = 0; c < cache.head_dim; ++c) {
+            if (by_page && t < cache.sink_tokens)
+              y[c] = from_float<T>(detail::full_value(kv ? cache.v_sink : cache.k_sink, cache.open_type,
+                                                      cache.sink_offset(seq, t, h, c)));
+            else if (by_page && !kv && t >= closed_end)
+              y[c] = from_float<T>(detail::full_value(cache.k_open, cache.open_type, cache.open_offset(seq, offset, h, c)));
+            else if (by_page && !kv)
+              y[c] = dequantize_value<T>(q[c], sanitize_scale(cache.k_scales[cache.channel_scale_offset(page, h, c)]));
+            else
+              y[c] = dequantize_value<T>(
+                  q[c], sanitize_scale((kv ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)]));
+          }
         }
     }
   }
