@@ -39,10 +39,12 @@ class GpuPaged : public GpuTest {};
 using Types = ::testing::Types<float, __half, __nv_bfloat16>;
 TYPED_TEST_SUITE(GpuPaged, Types);
 
-/// Appends the same tokens on both sides and compares the whole buffer.
+/// Appends the same tokens on both sides and compares the whole buffer. `ids` and `pos` (one per
+/// slot): the tokens' sequences and positions, for kKeysPerChannelPage caches.
 template <class T>
 void append_both(TwinCache& c, const std::vector<std::int64_t>& slots, std::uint64_t seed, unsigned long long* d_errors,
-                 unsigned long long& host_errors, const std::string& what) {
+                 unsigned long long& host_errors, const std::string& what, const std::vector<std::int32_t>& ids = {},
+                 const std::vector<std::int32_t>& pos = {}) {
   const std::int64_t n = static_cast<std::int64_t>(slots.size()), heads = c.L.kv_heads, dim = c.L.head_dim;
   // Rows with a padded token stride: the inputs are strided as an engine's qkv projection output.
   const TokenRows rows{n, heads * dim + 8, dim};
@@ -54,8 +56,16 @@ void append_both(TwinCache& c, const std::vector<std::int64_t>& slots, std::uint
   KVQ_ASSERT_CUDA(dk.upload(k));
   KVQ_ASSERT_CUDA(dv.upload(v));
   if (n > 0) KVQ_ASSERT_CUDA(ds.upload(slots));
-  ASSERT_EQ(reference::append_kv(k.data(), v.data(), rows, slots.data(), c.on_host(), &host_errors), cudaSuccess);
-  KVQ_ASSERT_CUDA(append_kv(dk.get(), dv.get(), rows, ds.get(), c.on_device(), d_errors));
+  DeviceBuffer<std::int32_t> d_ids(std::max<std::size_t>(ids.size(), 1)), d_pos(std::max<std::size_t>(pos.size(), 1));
+  ASSERT_TRUE(d_ids.get() && d_pos.get());
+  if (!ids.empty()) {
+    KVQ_ASSERT_CUDA(d_ids.upload(ids));
+    KVQ_ASSERT_CUDA(d_pos.upload(pos));
+  }
+  const TokenPositions h_tp = ids.empty() ? TokenPositions{} : TokenPositions{ids.data(), pos.data()};
+  const TokenPositions d_tp = ids.empty() ? TokenPositions{} : TokenPositions{d_ids.get(), d_pos.get()};
+  ASSERT_EQ(reference::append_kv(k.data(), v.data(), rows, slots.data(), h_tp, c.on_host(), &host_errors), cudaSuccess);
+  KVQ_ASSERT_CUDA(append_kv(dk.get(), dv.get(), rows, ds.get(), d_tp, c.on_device(), d_errors));
   KVQ_ASSERT_CUDA(cudaDeviceSynchronize());
   std::vector<std::uint8_t> got;
   KVQ_ASSERT_CUDA(c.device.download(got));
@@ -137,6 +147,44 @@ TYPED_TEST(GpuPaged, RandomTrafficEqualsTheReferenceAfterEveryStep) {
         gather_both<T>(c, traffic, what);
         if (::testing::Test::HasFailure()) return;
       }
+}
+
+TYPED_TEST(GpuPaged, KeysPerChannelPageTrafficEqualsTheReferenceAfterEveryStep) {
+  using T = TypeParam;
+  const std::vector<std::int64_t> page_sizes = small_shapes() ? std::vector<std::int64_t>{1, 16}
+                                                               : std::vector<std::int64_t>{1, 16, 64, 128};
+  const std::vector<std::int64_t> dims = small_shapes() ? std::vector<std::int64_t>{80, 128}
+                                                         : std::vector<std::int64_t>{64, 80, 96, 128, 256};
+  constexpr int kSeqs = 7;
+  for (PoolLayout layout : {PoolLayout::kNhdPadded, PoolLayout::kHnd, PoolLayout::kInterleavedNhd})
+    for (std::int64_t page_size : page_sizes)
+      for (std::int64_t dim : dims)
+        for (std::int64_t sinks : {0, 1}) {
+          const std::int64_t heads = 2, pages = 2048 / page_size + 5;
+          TwinCache c(CacheLayout(pages, page_size, heads, dim, layout, ByPage{kSeqs, sinks, element_type_of<T>()}));
+          ASSERT_TRUE(c.device.get());
+          KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
+          DeviceBuffer<unsigned long long> d_errors(1);
+          KVQ_ASSERT_CUDA(d_errors.poison(0));
+          unsigned long long host_errors = 0;
+          Traffic traffic(kSeqs, pages, page_size, pages / kSeqs, 13 * page_size + dim + sinks);
+          const std::string what = c.L.name();
+          for (int step = 0; step < 6; ++step) {
+            // Chunks of up to 3 pages and a bit: half-filled pages close while others open.
+            std::vector<std::int64_t> slots = traffic.step(step % 3 == 2, 3 * page_size + 5);
+            std::vector<std::int32_t> ids = traffic.seq_ids(), pos = traffic.positions();
+            slots.push_back(0), ids.push_back(kSeqs), pos.push_back(0);  // an id past max_seqs: counted
+            append_both<T>(c, slots, 100 * step + dim, d_errors.get(), host_errors, what + " step " + std::to_string(step),
+                           ids, pos);
+            if (::testing::Test::HasFatalFailure()) return;
+          }
+          std::vector<unsigned long long> errors;
+          KVQ_ASSERT_CUDA(d_errors.download(errors));
+          EXPECT_EQ(errors[0], host_errors) << what;
+          EXPECT_EQ(host_errors, 6u) << what;
+          gather_both<T>(c, traffic, what);
+          if (::testing::Test::HasFailure()) return;
+        }
 }
 
 TYPED_TEST(GpuPaged, DecodeStepOfManySequencesAndEightHeads) {

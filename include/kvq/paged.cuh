@@ -23,11 +23,40 @@ KVQ_NAMESPACE_BEGIN
 
 /// Quantizes new tokens' K and V into their slots, both in one launch: token t's row of head h
 /// (head_dim values) goes to slot = slot_mapping[t] (page = slot / page_size, offset = slot %
-/// page_size), its codes at the pool's strides and its fp32 scale at (slot, h), bit-identical to
-/// kvq::quantize per token on that row. A negative slot is padding: skipped, not counted. A slot at
-/// or past cache.slots() is skipped and counted once per token in *error_count (device memory,
-/// optional). Two tokens with the same slot race; the engine hands out distinct slots.
-/// T in {float, __half, __nv_bfloat16}; any head_dim, any alignment of the rows.
+/// page_size). A negative slot is padding: skipped, not counted. T in {float, __half,
+/// __nv_bfloat16}; any head_dim, any alignment of the rows. Two tokens with the same slot race;
+/// the engine hands out distinct slots.
+///   kPerTokenHead: each row's codes and fp32 scale (at (slot, h)) are bit-identical to
+///     kvq::quantize per token on that row. `positions` is not read.
+///   kKeysPerChannelPage: `positions` gives each token's sequence id and position (see
+///     TokenPositions for what they must satisfy). Values as above; keys stay in the sequence's
+///     open-page buffer until the page's last token arrives, in this call or a later one, which
+///     writes the page's key codes and per-channel scales (equal to kvq::quantize per channel with
+///     group = page_size over the page's tokens, sinks left out of the scales); positions below
+///     sink_tokens are also copied, K and V, to the sink buffers. T must be cache.open_type.
+/// A slot at or past cache.slots() (and under kKeysPerChannelPage a sequence id outside
+/// [0, max_seqs), a negative position, or a position whose page offset is not the slot's) is
+/// skipped and counted once per token in *error_count (device memory, optional).
+template <class T>
+[[nodiscard]] inline cudaError_t append_kv(const T* k_new,  // rows (tokens, kv_heads, head_dim)
+                                           const T* v_new,  // rows
+                                           const TokenRows& rows,
+                                           const std::int64_t* slot_mapping,  // (tokens)
+                                           const TokenPositions& positions,   // (tokens) each
+                                           const PagedCache& cache,
+                                           unsigned long long* error_count = nullptr,
+                                           cudaStream_t stream = nullptr) {
+  static_assert(detail::kSupportedType<T>, "kvq: T must be float, __half or __nv_bfloat16");
+  if (cudaError_t err = validate_append_kv(k_new, v_new, rows, slot_mapping, positions, cache); err != cudaSuccess)
+    return err;
+  if (rows.tokens == 0) return cudaSuccess;
+  if (cache.scheme == PagedScheme::kKeysPerChannelPage)
+    return detail::launch_append_kv_by_page(k_new, v_new, rows, slot_mapping, positions, cache, error_count, stream);
+  return detail::launch_append_kv(k_new, v_new, rows, slot_mapping, cache, error_count, stream);
+}
+
+/// append_kv without positions: for kPerTokenHead caches (kKeysPerChannelPage refuses it with
+/// cudaErrorInvalidValue).
 template <class T>
 [[nodiscard]] inline cudaError_t append_kv(const T* k_new,  // rows (tokens, kv_heads, head_dim)
                                            const T* v_new,  // rows
@@ -36,20 +65,19 @@ template <class T>
                                            const PagedCache& cache,
                                            unsigned long long* error_count = nullptr,
                                            cudaStream_t stream = nullptr) {
-  static_assert(detail::kSupportedType<T>, "kvq: T must be float, __half or __nv_bfloat16");
-  if (cudaError_t err = validate_append_kv(k_new, v_new, rows, slot_mapping, cache); err != cudaSuccess) return err;
-  if (cache.scheme != PagedScheme::kPerTokenHead) return cudaErrorNotSupported;  // the GPU path of scheme 2: next
-  if (rows.tokens == 0) return cudaSuccess;
-  return detail::launch_append_kv(k_new, v_new, rows, slot_mapping, cache, error_count, stream);
+  return append_kv(k_new, v_new, rows, slot_mapping, TokenPositions{}, cache, error_count, stream);
 }
 
 /// Dequantizes sequences back to dense rows: token t < seq_lens[b] of sequence b (page
 /// block_table[b][t / page_size], offset t % page_size) goes to output row out_start[b] + t (or
 /// b * max_pages_per_seq * page_size + t without out_start), equal to kvq::dequantize of those
-/// codes and scales. Rows past a sequence's length are not written. Untrusted table data is
-/// skipped and counted in *error_count (device memory, optional): a length below 0 or past
-/// max_pages_per_seq * page_size skips the sequence (counted once), a page outside the pool or an
-/// output row outside [0, out.tokens) skips the token (counted once per token).
+/// codes and scales (under kKeysPerChannelPage: keys of full pages under their channel scales,
+/// the open page's keys and the sinks from their full-precision buffers, converted to T, the
+/// sequence's id being seqs.seq_ids[b], or b). Rows past a sequence's length are not written.
+/// Untrusted table data is skipped and counted in *error_count (device memory, optional): a length
+/// below 0 or past max_pages_per_seq * page_size (or, under kKeysPerChannelPage, an id outside
+/// [0, max_seqs)) skips the sequence (counted once), a page outside the pool or an output row
+/// outside [0, out.tokens) skips the token (counted once per token).
 template <class T>
 [[nodiscard]] inline cudaError_t gather_kv(const PagedCache& cache, const SequenceTable& seqs,
                                            T* k_out,  // out (tokens, kv_heads, head_dim)
@@ -59,7 +87,6 @@ template <class T>
                                            cudaStream_t stream = nullptr) {
   static_assert(detail::kSupportedType<T>, "kvq: T must be float, __half or __nv_bfloat16");
   if (cudaError_t err = validate_gather_kv(cache, seqs, k_out, v_out, out); err != cudaSuccess) return err;
-  if (cache.scheme != PagedScheme::kPerTokenHead) return cudaErrorNotSupported;
   if (seqs.batch == 0 || seqs.max_pages_per_seq == 0 || out.tokens == 0) return cudaSuccess;
   return detail::launch_gather_kv(cache, seqs, k_out, v_out, out, error_count, stream);
 }

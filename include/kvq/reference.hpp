@@ -336,7 +336,7 @@ cudaError_t append_kv(const T* k_new,  // rows (tokens, kv_heads, head_dim)
 template <class T>
 cudaError_t append_kv(const T* k_new, const T* v_new, const TokenRows& rows, const std::int64_t* slot_mapping,
                       const PagedCache& cache, unsigned long long* error_count = nullptr) {
-  return append_kv(k_new, v_new, rows, slot_mapping, TokenPositions{}, cache, error_count);
+  return reference::append_kv<T>(k_new, v_new, rows, slot_mapping, TokenPositions{}, cache, error_count);
 }
 
 /// The paged cache's read path (kvq::gather_kv): the sequences' tokens dequantized to dense rows;

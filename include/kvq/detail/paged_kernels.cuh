@@ -1,6 +1,6 @@
 // kvq/detail/paged_kernels.cuh: the kernels behind kvq/paged.cuh.
 //
-// Both kernels give each (token, head, K or V) row to a group of kLanes lanes (RowLanes) that runs
+// The kernels give each (token, head, K or V) row to a group of kLanes lanes (RowLanes) that runs
 // the public row blocks of kvq/device.cuh on it, so a row in the cache is bit-identical to
 // kvq::quantize per token on it (append) and to kvq::dequantize of it (gather). Rows are walked
 // with a grid-stride loop over whole groups: the grid is sized from the host's static limits
@@ -112,6 +112,186 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   }
 }
 
+// --- kKeysPerChannelPage ------------------------------------------------------------------------
+//
+// V rows are written as under kPerTokenHead. A K row goes to the sinks when its position is one,
+// and then either to the open-page buffer (its page is still open after the call) or nowhere yet
+// (its page fills in this call): the page's last token closes it, computing each channel's scale
+// over the page's non-sink tokens and every code. A closing page reads its earlier tokens from
+// the open-page buffer and the call's from k_new. The one case where the call also writes open
+// rows that a closer reads (a half-filled page closes while the call leaves a later page open,
+// whose rows reuse the buffer's) is ordered by giving those writes to the closer, after its reads:
+// each lane reads and writes only its own channels, so program order is enough.
+
+/// Whether token j is written (the reference's detail::valid_token).
+__device__ inline bool paged_valid_token(const PagedCache& c, const std::int64_t* slots, const TokenPositions& tp,
+                                         std::int64_t j) {
+  const std::int64_t slot = slots[j], seq = tp.seq_ids[j], pos = tp.positions[j];
+  return slot >= 0 && slot < c.slots() && seq >= 0 && seq < c.max_seqs && pos >= 0 &&
+         pos % c.page_size == slot % c.page_size;
+}
+
+/// The run of token t (consecutive rows of one sequence at consecutive positions), found by
+/// exponential then binary search from t. Exact when the sequence's tokens are one run, as the
+/// API requires; otherwise some rows around t, always within [0, tokens).
+struct PagedRun {
+  std::int64_t first_row, first_pos, last_pos;
+};
+__device__ inline PagedRun paged_run(const PagedCache& c, const std::int64_t* slots, const TokenPositions& tp,
+                                     std::int64_t tokens, std::int64_t t) {
+  const std::int32_t seq = tp.seq_ids[t];
+  const std::int64_t pos = tp.positions[t];
+  auto member = [&](std::int64_t j) {
+    return j >= 0 && j < tokens && paged_valid_token(c, slots, tp, j) && tp.seq_ids[j] == seq &&
+           tp.positions[j] == pos + (j - t);
+  };
+  auto edge = [&](std::int64_t dir) {  // the last member from t in direction dir (+1 or -1)
+    std::int64_t in = t, step = 1;        // `in` is a member
+    while (member(in + dir * step)) {
+      in += dir * step;
+      step *= 2;
+    }
+    std::int64_t out = in + dir * step;  // not a member: the edge lies in [in, out)
+    while ((out - in) * dir > 1) {
+      const std::int64_t mid = in + (out - in) / 2;
+      if (member(mid)) in = mid;
+      else out = mid;
+    }
+    return in;
+  };
+  const std::int64_t first = edge(-1), last = edge(+1);
+  return PagedRun{first, pos - (t - first), pos + (last - t)};
+}
+
+template <int kLanes, class T>
+KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
+    append_kv_by_page_kernel(const T* k_new, const T* v_new,  // rows (tokens, kv_heads, head_dim)
+                             TokenRows rows,
+                             const std::int64_t* __restrict__ slot_mapping,  // (tokens)
+                             TokenPositions tp,                              // (tokens) each
+                             PagedCache cache,
+                             unsigned long long* error_count) {  // optional
+  const auto g = device::RowLanes<kLanes>::this_thread();
+  const std::int64_t groups_per_block = PagedPolicy::kThreads / kLanes;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * groups_per_block;
+  const std::int64_t n = rows.tokens * cache.kv_heads * 2, ps = cache.page_size, d = cache.head_dim;
+  T* const open = static_cast<T*>(cache.k_open);
+  for (std::int64_t i = blockIdx.x * groups_per_block + threadIdx.x / kLanes; i < n; i += stride) {
+    const bool is_v = i & 1;
+    const std::int64_t th = i >> 1, t = th / cache.kv_heads, h = th % cache.kv_heads;
+    const std::int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;  // padding
+    if (!paged_valid_token(cache, slot_mapping, tp, t)) {  // untrusted: skipped, counted once per token
+      if (error_count != nullptr && !is_v && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
+      continue;
+    }
+    const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], page = slot / ps;
+    const T* x = (is_v ? v_new : k_new) + t * rows.token_stride + h * rows.head_stride;
+    if (pos < cache.sink_tokens) {
+      T* sink = static_cast<T*>(is_v ? cache.v_sink : cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
+      for (std::int64_t c = g.lane; c < d; c += kLanes) sink[c] = x[c];
+    }
+    if (is_v) {
+      const PageStrides& s = cache.v_strides;
+      device::quantize_row(g, x, d, cache.v_codes + page * s.page_stride + (slot % ps) * s.token_stride + h * s.head_stride,
+                           cache.v_scales + cache.scale_offset(slot, h));
+      continue;
+    }
+    const PagedRun run = paged_run(cache, slot_mapping, tp, rows.tokens, t);
+    const std::int64_t page_index = pos / ps, first_page = run.first_pos / ps, last_page = run.last_pos / ps;
+    const bool closes = page_index < last_page || (run.last_pos + 1) % ps == 0;
+    const bool straddle = first_page != last_page && run.first_pos % ps != 0 && (run.last_pos + 1) % ps != 0;
+    auto new_row = [&](std::int64_t q) {  // k_new's row of position q of the run, this head
+      return k_new + (run.first_row + (q - run.first_pos)) * rows.token_stride + h * rows.head_stride;
+    };
+    if (!closes) {  // the open page after the call: kept in full precision (by the closer when straddling)
+      if (!straddle) {
+        T* o = open + cache.open_offset(seq, pos % ps, h, 0);
+        for (std::int64_t c = g.lane; c < d; c += kLanes) o[c] = x[c];
+      }
+      continue;
+    }
+    if (pos % ps != ps - 1) continue;  // only the page's last token closes it
+    const std::int64_t start = page_index * ps, old_end = page_index == first_page ? run.first_pos : start;
+    const PageStrides& s = cache.k_strides;
+    std::int8_t* const codes = cache.k_codes + page * s.page_stride + h * s.head_stride;
+    for (std::int64_t c = g.lane; c < d; c += kLanes) {
+      auto key = [&](std::int64_t q) {
+        return to_float(q < old_end ? open[cache.open_offset(seq, q % ps, h, c)] : new_row(q)[c]);
+      };
+      std::uint32_t amax = 0;
+      for (std::int64_t q = max(start, cache.sink_tokens); q <= pos; ++q) amax = max(amax, finite_abs_bits(key(q)));
+      const float scale = scale_from_amax(bits_to_float(amax));
+      cache.k_scales[cache.channel_scale_offset(page, h, c)] = scale;
+      for (std::int64_t q = start; q <= pos; ++q) codes[(q % ps) * s.token_stride + c] = quantize_value(key(q), scale);
+      if (page_index == first_page && straddle)  // after this channel's reads: the open page's rows
+        for (std::int64_t q = last_page * ps; q <= run.last_pos; ++q)
+          open[cache.open_offset(seq, q % ps, h, c)] = new_row(q)[c];
+    }
+  }
+}
+
+/// x of a cache's full-precision buffer, as float.
+__device__ inline float paged_full_value(const void* p, ElementType t, std::int64_t i) {
+  switch (t) {
+    case ElementType::kFloat: return static_cast<const float*>(p)[i];
+    case ElementType::kHalf: return to_float(static_cast<const __half*>(p)[i]);
+    default: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
+  }
+}
+
+template <int kLanes, class T>
+KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
+    gather_kv_by_page_kernel(PagedCache cache, SequenceTable seqs,
+                             T* k_out, T* v_out,  // out (tokens, kv_heads, head_dim)
+                             TokenRows out,
+                             unsigned long long* error_count) {  // optional
+  const auto g = device::RowLanes<kLanes>::this_thread();
+  const std::int64_t groups_per_block = PagedPolicy::kThreads / kLanes;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * groups_per_block;
+  const std::int64_t ps = cache.page_size, d = cache.head_dim, max_tokens = seqs.max_pages_per_seq * ps;
+  const std::int64_t n = seqs.batch * max_tokens * cache.kv_heads * 2;
+  for (std::int64_t i = blockIdx.x * groups_per_block + threadIdx.x / kLanes; i < n; i += stride) {
+    const bool is_v = i & 1;
+    const std::int64_t th = i >> 1, h = th % cache.kv_heads, bt = th / cache.kv_heads;
+    const std::int64_t b = bt / max_tokens, t = bt % max_tokens;
+    const bool counter = error_count != nullptr && !is_v && h == 0 && g.lane == 0;
+    const std::int64_t len = seqs.seq_lens[b];
+    const std::int64_t seq = seqs.seq_ids != nullptr ? seqs.seq_ids[b] : b;
+    if (len < 0 || len > max_tokens || seq < 0 || seq >= cache.max_seqs) {  // the sequence: skipped, counted once
+      if (counter && t == 0) atomicAdd(error_count, 1ull);
+      continue;
+    }
+    if (t >= len) continue;
+    const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / ps];
+    const std::int64_t row = (seqs.out_start != nullptr ? seqs.out_start[b] : b * max_tokens) + t;
+    if (page < 0 || page >= cache.num_pages || row < 0 || row >= out.tokens) {
+      if (counter) atomicAdd(error_count, 1ull);
+      continue;
+    }
+    const std::int64_t offset = t % ps, slot = page * ps + offset;
+    T* y = (is_v ? v_out : k_out) + row * out.token_stride + h * out.head_stride;
+    if (t < cache.sink_tokens) {
+      const void* sink = is_v ? cache.v_sink : cache.k_sink;
+      for (std::int64_t c = g.lane; c < d; c += kLanes)
+        y[c] = from_float<T>(paged_full_value(sink, cache.open_type, cache.sink_offset(seq, t, h, c)));
+      continue;
+    }
+    const PageStrides& s = is_v ? cache.v_strides : cache.k_strides;
+    const std::int8_t* codes = (is_v ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride +
+                               h * s.head_stride;
+    if (is_v) {
+      device::dequantize_row(g, codes, d, cache.v_scales[cache.scale_offset(slot, h)], y);
+    } else if (t >= len / ps * ps) {  // the open page: full precision
+      for (std::int64_t c = g.lane; c < d; c += kLanes)
+        y[c] = from_float<T>(paged_full_value(cache.k_open, cache.open_type, cache.open_offset(seq, offset, h, c)));
+    } else {
+      const float* scales = cache.k_scales + cache.channel_scale_offset(page, h, 0);
+      for (std::int64_t c = g.lane; c < d; c += kLanes) y[c] = dequantize_value<T>(codes[c], sanitize_scale(scales[c]));
+    }
+  }
+}
+
 template <class T>
 cudaError_t launch_append_kv(const T* k_new, const T* v_new, const TokenRows& rows, const std::int64_t* slot_mapping,
                              const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
@@ -129,18 +309,39 @@ cudaError_t launch_append_kv(const T* k_new, const T* v_new, const TokenRows& ro
 }
 
 template <class T>
+cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const TokenRows& rows,
+                                     const std::int64_t* slot_mapping, const TokenPositions& tp,
+                                     const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
+  const std::int64_t n = rows.tokens * cache.kv_heads * 2;
+  const int lanes = paged_lanes<T>(cache.head_dim);
+  const unsigned grid = paged_grid(n, lanes);
+  constexpr int kThreads = PagedPolicy::kThreads;
+  if (lanes == 8)
+    append_kv_by_page_kernel<8, T><<<grid, kThreads, 0, stream>>>(k_new, v_new, rows, slot_mapping, tp, cache, error_count);
+  else if (lanes == 16)
+    append_kv_by_page_kernel<16, T><<<grid, kThreads, 0, stream>>>(k_new, v_new, rows, slot_mapping, tp, cache, error_count);
+  else
+    append_kv_by_page_kernel<32, T><<<grid, kThreads, 0, stream>>>(k_new, v_new, rows, slot_mapping, tp, cache, error_count);
+  return check_launch();
+}
+
+template <class T>
 cudaError_t launch_gather_kv(const PagedCache& cache, const SequenceTable& seqs, T* k_out, T* v_out,
                              const TokenRows& out, unsigned long long* error_count, cudaStream_t stream) {
   const std::int64_t n = seqs.batch * seqs.max_pages_per_seq * cache.page_size * cache.kv_heads * 2;
   const int lanes = paged_lanes<T>(cache.head_dim);
   const unsigned grid = paged_grid(n, lanes);
   constexpr int kThreads = PagedPolicy::kThreads;
+  const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
   if (lanes == 8)
-    gather_kv_kernel<8, T><<<grid, kThreads, 0, stream>>>(cache, seqs, k_out, v_out, out, error_count);
+    (by_page ? gather_kv_by_page_kernel<8, T> : gather_kv_kernel<8, T>)<<<grid, kThreads, 0, stream>>>(
+        cache, seqs, k_out, v_out, out, error_count);
   else if (lanes == 16)
-    gather_kv_kernel<16, T><<<grid, kThreads, 0, stream>>>(cache, seqs, k_out, v_out, out, error_count);
+    (by_page ? gather_kv_by_page_kernel<16, T> : gather_kv_kernel<16, T>)<<<grid, kThreads, 0, stream>>>(
+        cache, seqs, k_out, v_out, out, error_count);
   else
-    gather_kv_kernel<32, T><<<grid, kThreads, 0, stream>>>(cache, seqs, k_out, v_out, out, error_count);
+    (by_page ? gather_kv_by_page_kernel<32, T> : gather_kv_kernel<32, T>)<<<grid, kThreads, 0, stream>>>(
+        cache, seqs, k_out, v_out, out, error_count);
   return check_launch();
 }
 
