@@ -20,6 +20,8 @@ std::vector<PagedCase> paged_cases() {
     for (std::int64_t s : {1, 8, 64, 256}) cases.push_back(PagedCase{t, true, s, 8, 128, 16});
     for (std::int64_t page : {16, 64}) cases.push_back(PagedCase{t, false, 32768, 8, 128, page});
   }
+  for (std::int64_t s : {8, 64, 256}) cases.push_back(PagedCase{DType::kHalf, true, s, 8, 128, 16, true});
+  for (std::int64_t page : {16, 64}) cases.push_back(PagedCase{DType::kHalf, false, 32768, 8, 128, page, true});
   return cases;
 }
 
@@ -48,20 +50,26 @@ struct PagedAppend::State {
   void* k = nullptr;
   void* v = nullptr;
   std::int64_t* slots = nullptr;
-  std::uint8_t* pool = nullptr;  // K codes, V codes, K scales, V scales, back to back
+  std::int32_t* ids = nullptr;  // kKeysPerChannelPage: sequence ids and positions
+  std::int32_t* positions = nullptr;
+  std::uint8_t* pool = nullptr;  // K codes, V codes, K scales, V scales (and the open-page buffer), back to back
   std::size_t pool_bytes = 0;
   std::vector<std::int64_t> host_slots;
+  std::vector<std::int32_t> host_ids, host_positions;
 
   ~State() {
     cudaFree(k);
     cudaFree(v);
     cudaFree(slots);
+    cudaFree(ids);
+    cudaFree(positions);
     cudaFree(pool);
   }
 
   template <class T>
   cudaError_t launch(cudaStream_t s) const {
-    return kvq::append_kv(static_cast<const T*>(k), static_cast<const T*>(v), rows, slots, cache, nullptr, s);
+    return kvq::append_kv(static_cast<const T*>(k), static_cast<const T*>(v), rows, slots,
+                          kvq::TokenPositions{ids, positions}, cache, nullptr, s);
   }
 
   /// Fills, runs once and checks; T is the case's dtype.
@@ -76,9 +84,16 @@ struct PagedAppend::State {
     std::iota(order.begin(), order.end(), 0);
     std::shuffle(order.begin(), order.end(), rng);
     host_slots.resize(static_cast<std::size_t>(n));
-    for (std::int64_t t = 0; t < n; ++t)
-      host_slots[t] = c.decode ? order[t] * c.page_size + static_cast<std::int64_t>(rng() % c.page_size)  // mid-sequence
-                               : order[t / c.page_size] * c.page_size + t % c.page_size;
+    host_ids.resize(static_cast<std::size_t>(n));
+    host_positions.resize(static_cast<std::size_t>(n));
+    for (std::int64_t t = 0; t < n; ++t) {
+      // decode: sequence t at a position within its first page (some of them close it); prefill:
+      // positions 0 to n - 1 of sequence 0.
+      const std::int64_t offset = c.decode ? static_cast<std::int64_t>(rng() % c.page_size) : t % c.page_size;
+      host_slots[t] = (c.decode ? order[t] : order[t / c.page_size]) * c.page_size + offset;
+      host_ids[t] = c.decode ? static_cast<std::int32_t>(t) : 0;
+      host_positions[t] = static_cast<std::int32_t>(c.decode ? offset : t);
+    }
     cache.num_pages = pages;
     cache.page_size = c.page_size;
     cache.kv_heads = h;
@@ -86,34 +101,51 @@ struct PagedAppend::State {
     cache.k_strides = cache.v_strides = kvq::nhd_strides(c.page_size, h, d);
     const std::size_t codes = static_cast<std::size_t>(pages * c.page_size * h * d);
     const std::size_t scales = static_cast<std::size_t>(pages * c.page_size * h) * sizeof(float);
-    pool_bytes = 2 * codes + 2 * scales;
+    const std::size_t k_scales = c.by_page ? static_cast<std::size_t>(pages * h * d) * sizeof(float) : scales;
+    const std::int64_t seqs = c.decode ? n : 1;
+    const std::size_t open_bytes = c.by_page ? static_cast<std::size_t>(seqs * c.page_size * h * d) * sizeof(T) : 0;
+    pool_bytes = 2 * codes + k_scales + scales + open_bytes;
+    if (c.by_page) {
+      cache.scheme = kvq::PagedScheme::kKeysPerChannelPage;
+      cache.open_type = kvq::element_type_of<T>();
+      cache.max_seqs = seqs;
+    }
     rows = kvq::dense_rows(n, h, d);
     const std::size_t in_bytes = static_cast<std::size_t>(n * h * d) * sizeof(T);
     ok(cudaMalloc(&k, in_bytes), "cudaMalloc");
     ok(cudaMalloc(&v, in_bytes), "cudaMalloc");
     ok(cudaMalloc(reinterpret_cast<void**>(&slots), static_cast<std::size_t>(n) * 8), "cudaMalloc");
     ok(cudaMalloc(reinterpret_cast<void**>(&pool), pool_bytes), "cudaMalloc");
-    auto on = [](std::uint8_t* base, std::size_t codes, std::size_t scales, kvq::PagedCache& cc) {
+    auto on = [&](std::uint8_t* base, kvq::PagedCache& cc) {
       cc.k_codes = reinterpret_cast<std::int8_t*>(base);
       cc.v_codes = reinterpret_cast<std::int8_t*>(base + codes);
       cc.k_scales = reinterpret_cast<float*>(base + 2 * codes);
-      cc.v_scales = reinterpret_cast<float*>(base + 2 * codes + scales);
+      cc.v_scales = reinterpret_cast<float*>(base + 2 * codes + k_scales);
+      cc.k_open = c.by_page ? base + 2 * codes + k_scales + scales : nullptr;
     };
-    on(pool, codes, scales, cache);
+    on(pool, cache);
 
     const std::vector<T> hk = uniform_values<T>(n * h * d, seed_of(c.name().c_str()) + 1);
     const std::vector<T> hv = uniform_values<T>(n * h * d, seed_of(c.name().c_str()) + 2);
     ok(cudaMemcpy(k, hk.data(), in_bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
     ok(cudaMemcpy(v, hv.data(), in_bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
     ok(cudaMemcpy(slots, host_slots.data(), static_cast<std::size_t>(n) * 8, cudaMemcpyHostToDevice), "cudaMemcpy");
+    if (c.by_page) {
+      ok(cudaMalloc(reinterpret_cast<void**>(&ids), static_cast<std::size_t>(n) * 4), "cudaMalloc");
+      ok(cudaMalloc(reinterpret_cast<void**>(&positions), static_cast<std::size_t>(n) * 4), "cudaMalloc");
+      ok(cudaMemcpy(ids, host_ids.data(), static_cast<std::size_t>(n) * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+      ok(cudaMemcpy(positions, host_positions.data(), static_cast<std::size_t>(n) * 4, cudaMemcpyHostToDevice),
+         "cudaMemcpy");
+    }
     ok(cudaMemset(pool, kCachePoison, pool_bytes), "cudaMemset");
     ok(launch<T>(stream), "append_kv");
     ok(cudaStreamSynchronize(stream), "append_kv (the checked run)");
 
     std::vector<std::uint8_t> want(pool_bytes, kCachePoison), got(pool_bytes);
     kvq::PagedCache host = cache;
-    on(want.data(), codes, scales, host);
-    if (kvq::reference::append_kv(hk.data(), hv.data(), rows, host_slots.data(), host) != cudaSuccess)
+    on(want.data(), host);
+    const kvq::TokenPositions host_tp{c.by_page ? host_ids.data() : nullptr, c.by_page ? host_positions.data() : nullptr};
+    if (kvq::reference::append_kv(hk.data(), hv.data(), rows, host_slots.data(), host_tp, host) != cudaSuccess)
       throw std::runtime_error("the reference refused the case");
     ok(cudaMemcpy(got.data(), pool, pool_bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
     const auto diff = std::mismatch(got.begin(), got.end(), want.begin());

@@ -24,22 +24,27 @@ struct PagedCase {
   std::int64_t kv_heads = 8;
   std::int64_t head_dim = 128;
   std::int64_t page_size = 16;
+  bool by_page = false;       // kKeysPerChannelPage (keys per channel per page), else kPerTokenHead
 
   std::string name() const {
     const std::string shape = decode ? "decode_S" + std::to_string(tokens) : "prefill_T" + std::to_string(tokens);
-    return std::string("append_kv/") + to_string(dtype) + "/per_token_head/" + shape + "_H" +
+    return std::string("append_kv/") + to_string(dtype) + (by_page ? "/keys_per_channel_page/" : "/per_token_head/") +
+           shape + "_H" +
            std::to_string(kv_heads) + "_D" + std::to_string(head_dim) + "_P" + std::to_string(page_size);
   }
-  /// K and V read, slots read, codes and fp32 scales written: each once.
+  /// K and V read, slots (and positions) read, codes and fp32 scales written: each once. Under
+  /// kKeysPerChannelPage the key scales are one per channel per page filled.
   double bytes() const {
-    const double rows = static_cast<double>(tokens * kv_heads) * 2;
-    return rows * static_cast<double>(head_dim) * (static_cast<double>(size_of(dtype)) + 1) + rows * 4 +
-           static_cast<double>(tokens) * 8;
+    const double rows = static_cast<double>(tokens * kv_heads), dim = static_cast<double>(head_dim);
+    const double codes = 2 * rows * dim * (static_cast<double>(size_of(dtype)) + 1);
+    const double k_scales = by_page ? static_cast<double>(tokens / page_size * kv_heads) * dim * 4 : rows * 4;
+    return codes + rows * 4 + k_scales + static_cast<double>(tokens) * (by_page ? 16 : 8);
   }
 };
 
 /// The default workload's paged cases: decode steps of 1 to 256 sequences and a 32768-token
-/// prefill chunk (pages of 16 and 64), fp16, bf16 and fp32.
+/// prefill chunk (pages of 16 and 64), fp16, bf16 and fp32, per token-head; and fp16 decode and
+/// prefill with keys per channel per page.
 std::vector<PagedCase> paged_cases();
 
 /// One append's operands on the GPU: inputs filled, the cache poisoned, the call run once and the
