@@ -189,18 +189,27 @@ TYPED_TEST(GpuPaged, KeysPerChannelPageTrafficEqualsTheReferenceAfterEveryStep) 
 
 TYPED_TEST(GpuPaged, DecodeStepOfManySequencesAndEightHeads) {
   using T = TypeParam;
-  for (int sequences : {1, 64, 256}) {
-    const std::int64_t page_size = 16, pages = sequences * 4 + 2;
-    TwinCache c(CacheLayout(pages, page_size, 8, 128, PoolLayout::kNhdPadded));
-    ASSERT_TRUE(c.device.get());
-    KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
-    unsigned long long host_errors = 0;
-    Traffic traffic(sequences, pages, page_size, 4, sequences);
-    append_both<T>(c, traffic.step(false, 40), 1, nullptr, host_errors, "prefill");
-    for (int step = 0; step < 3; ++step)
-      append_both<T>(c, traffic.step(true, 1), 10 + step, nullptr, host_errors, "decode " + std::to_string(sequences));
-    gather_both<T>(c, traffic, "decode " + std::to_string(sequences));
-  }
+  for (bool by_page : {false, true})
+    for (int sequences : {1, 64, 256}) {
+      const std::int64_t page_size = 16, pages = sequences * 4 + 2;
+      const ByPage bp = by_page ? ByPage{sequences, 1, element_type_of<T>()} : ByPage{};
+      TwinCache c(CacheLayout(pages, page_size, 8, 128, PoolLayout::kNhdPadded, bp));
+      ASSERT_TRUE(c.device.get());
+      KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
+      unsigned long long host_errors = 0;
+      Traffic traffic(sequences, pages, page_size, 4, sequences);
+      const std::string what = std::string(by_page ? "keys per channel, " : "") + std::to_string(sequences) + " sequences";
+      auto append = [&](bool decode, std::int64_t chunk, std::uint64_t seed, const std::string& step) {
+        const std::vector<std::int64_t> slots = traffic.step(decode, chunk);
+        const std::vector<std::int32_t> none;
+        append_both<T>(c, slots, seed, nullptr, host_errors, what + " " + step, by_page ? traffic.seq_ids() : none,
+                       by_page ? traffic.positions() : none);
+      };
+      append(false, 40, 1, "prefill");
+      for (int step = 0; step < 3 && !::testing::Test::HasFatalFailure(); ++step) append(true, 1, 10 + step, "decode");
+      if (::testing::Test::HasFatalFailure()) return;
+      gather_both<T>(c, traffic, what);
+    }
 }
 
 TYPED_TEST(GpuPaged, DecodeStepCapturedOnceReplaysWithNewContents) {
