@@ -14,11 +14,13 @@
 
 #include <kvq/version.hpp>
 
+#include <kvq/attention.hpp>
 #include <kvq/numerics.hpp>
 #include <kvq/paged.hpp>
 #include <kvq/types.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -339,6 +341,48 @@ cudaError_t append_kv(const T* k_new, const T* v_new, const TokenRows& rows, con
   return reference::append_kv<T>(k_new, v_new, rows, slot_mapping, TokenPositions{}, cache, error_count);
 }
 
+namespace detail {
+
+/// Row (token t of a sequence of length len and id seq, on `page`; head h; K or V) of the cache as
+/// gather_kv returns it, rounded to T.
+template <class T>
+void token_values(const PagedCache& cache, std::int64_t seq, std::int64_t len, std::int64_t t, std::int64_t page,
+                  std::int64_t h, bool is_v, T* y) {
+  const std::int64_t ps = cache.page_size, offset = t % ps, slot = page * ps + offset;
+  const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
+  const PageStrides& s = is_v ? cache.v_strides : cache.k_strides;
+  const std::int8_t* q = (is_v ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride +
+                         h * s.head_stride;
+  for (std::int64_t c = 0; c < cache.head_dim; ++c) {
+    if (by_page && t < cache.sink_tokens)
+      y[c] = from_float<T>(full_value(is_v ? cache.v_sink : cache.k_sink, cache.open_type, cache.sink_offset(seq, t, h, c)));
+    else if (by_page && !is_v && t >= len / ps * ps)
+      y[c] = from_float<T>(full_value(cache.k_open, cache.open_type, cache.open_offset(seq, offset, h, c)));
+    else if (by_page && !is_v)
+      y[c] = dequantize_value<T>(q[c], sanitize_scale(cache.k_scales[cache.channel_scale_offset(page, h, c)]));
+    else
+      y[c] = dequantize_value<T>(q[c], sanitize_scale((is_v ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)]));
+  }
+}
+
+/// Sequence b of a table: its id and length, or false (the sequence is skipped) when the length
+/// is below 0 or past the table's pages, or, under kKeysPerChannelPage, the id is outside the cache.
+inline bool table_sequence(const PagedCache& cache, const SequenceTable& seqs, std::int64_t b, std::int64_t& seq,
+                           std::int64_t& len) {
+  len = seqs.seq_lens[b];
+  seq = seqs.seq_ids != nullptr ? seqs.seq_ids[b] : b;
+  return len >= 0 && len <= seqs.max_pages_per_seq * cache.page_size &&
+         (cache.scheme != PagedScheme::kKeysPerChannelPage || (seq >= 0 && seq < cache.max_seqs));
+}
+
+/// Page of token t of sequence b, or -1 when the table's entry is outside the pool.
+inline std::int64_t table_page(const PagedCache& cache, const SequenceTable& seqs, std::int64_t b, std::int64_t t) {
+  const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / cache.page_size];
+  return page >= 0 && page < cache.num_pages ? page : -1;
+}
+
+}  // namespace detail
+
 /// The paged cache's read path (kvq::gather_kv): the sequences' tokens dequantized to dense rows;
 /// under kKeysPerChannelPage the open page's keys and the sinks come from their full-precision
 /// buffers. Same skipping and counting of untrusted table data as the GPU.
@@ -350,47 +394,86 @@ cudaError_t gather_kv(const PagedCache& cache, const SequenceTable& seqs,
                       unsigned long long* error_count = nullptr) {
   if (cudaError_t err = validate_gather_kv(cache, seqs, k_out, v_out, out); err != cudaSuccess) return err;
   if (seqs.batch == 0 || seqs.max_pages_per_seq == 0 || out.tokens == 0) return cudaSuccess;
-  const std::int64_t max_tokens = seqs.max_pages_per_seq * cache.page_size, ps = cache.page_size;
-  const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
+  const std::int64_t max_tokens = seqs.max_pages_per_seq * cache.page_size;
   auto count = [&] {
     if (error_count != nullptr) ++*error_count;
   };
   for (std::int64_t b = 0; b < seqs.batch; ++b) {
-    const std::int64_t len = seqs.seq_lens[b];
-    const std::int64_t seq = seqs.seq_ids != nullptr ? seqs.seq_ids[b] : b;
-    if (len < 0 || len > max_tokens || (by_page && (seq < 0 || seq >= cache.max_seqs))) {
+    std::int64_t seq = 0, len = 0;
+    if (!detail::table_sequence(cache, seqs, b, seq, len)) {
       count();
       continue;
     }
     const std::int64_t start = seqs.out_start != nullptr ? seqs.out_start[b] : b * max_tokens;
-    const std::int64_t closed_end = len / ps * ps;  // tokens of full pages
     for (std::int64_t t = 0; t < len; ++t) {
-      const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / ps];
-      const std::int64_t row = start + t;
-      if (page < 0 || page >= cache.num_pages || row < 0 || row >= out.tokens) {
+      const std::int64_t page = detail::table_page(cache, seqs, b, t), row = start + t;
+      if (page < 0 || row < 0 || row >= out.tokens) {
         count();
         continue;
       }
-      const std::int64_t offset = t % ps, slot = page * ps + offset;
       for (std::int64_t h = 0; h < cache.kv_heads; ++h)
-        for (int kv = 0; kv < 2; ++kv) {
-          const PageStrides& s = kv ? cache.v_strides : cache.k_strides;
-          const std::int8_t* q = (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride +
-                                 offset * s.token_stride + h * s.head_stride;
-          T* y = (kv ? v_out : k_out) + row * out.token_stride + h * out.head_stride;
-          for (std::int64_t c = 0; c < cache.head_dim; ++c) {
-            if (by_page && t < cache.sink_tokens)
-              y[c] = from_float<T>(detail::full_value(kv ? cache.v_sink : cache.k_sink, cache.open_type,
-                                                      cache.sink_offset(seq, t, h, c)));
-            else if (by_page && !kv && t >= closed_end)
-              y[c] = from_float<T>(detail::full_value(cache.k_open, cache.open_type, cache.open_offset(seq, offset, h, c)));
-            else if (by_page && !kv)
-              y[c] = dequantize_value<T>(q[c], sanitize_scale(cache.k_scales[cache.channel_scale_offset(page, h, c)]));
-            else
-              y[c] = dequantize_value<T>(
-                  q[c], sanitize_scale((kv ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)]));
-          }
-        }
+        for (int kv = 0; kv < 2; ++kv)
+          detail::token_values(cache, seq, len, t, page, h, kv == 1,
+                               (kv ? v_out : k_out) + row * out.token_stride + h * out.head_stride);
+    }
+  }
+  return cudaSuccess;
+}
+
+/// Decode attention (kvq::decode_attention's oracle): for each sequence b and query head qh,
+/// softmax(sm_scale * q K^T) V over the sequence's keys and values of KV head qh / group, as
+/// gather_kv dequantizes them to fp32, accumulated in float64 and rounded to T; lse (optional)
+/// the natural log of sum(exp(sm_scale * q k)). A sequence of length 0 gives 0 and lse -inf. Table
+/// data is skipped and counted as gather_kv skips it (a skipped sequence gives 0 and -inf).
+template <class T>
+cudaError_t decode_attention(const T* q, const QueryRows& q_rows,  // (batch, q_heads, head_dim)
+                             const PagedCache& cache, const SequenceTable& seqs, float sm_scale,
+                             T* out, const QueryRows& out_rows,  // (batch, q_heads, head_dim)
+                             float* lse = nullptr,               // (batch, q_heads) or null
+                             unsigned long long* error_count = nullptr) {
+  if (cudaError_t err = validate_decode_attention(q, q_rows, cache, seqs, out, out_rows, lse); err != cudaSuccess)
+    return err;
+  const std::int64_t d = cache.head_dim, group = q_rows.q_heads / cache.kv_heads;
+  std::vector<float> k(static_cast<std::size_t>(d)), v(static_cast<std::size_t>(d));
+  std::vector<double> scores, acc(static_cast<std::size_t>(d));
+  std::vector<std::int64_t> pages;
+  for (std::int64_t b = 0; b < q_rows.batch; ++b) {
+    std::int64_t seq = 0, len = 0;
+    const bool valid = detail::table_sequence(cache, seqs, b, seq, len);
+    if (!valid) {
+      if (error_count != nullptr) ++*error_count;
+      len = 0;
+    }
+    pages.assign(static_cast<std::size_t>(len), -1);
+    for (std::int64_t t = 0; t < len; ++t) {
+      pages[t] = detail::table_page(cache, seqs, b, t);
+      if (pages[t] < 0 && error_count != nullptr) ++*error_count;  // skipped: no part in the softmax
+    }
+    for (std::int64_t qh = 0; qh < q_rows.q_heads; ++qh) {
+      const std::int64_t h = qh / group;
+      const T* qr = q + b * q_rows.batch_stride + qh * q_rows.head_stride;
+      scores.assign(static_cast<std::size_t>(len), 0.0);
+      double m = -INFINITY;
+      for (std::int64_t t = 0; t < len; ++t) {
+        if (pages[t] < 0) continue;
+        detail::token_values(cache, seq, len, t, pages[t], h, false, k.data());
+        double dot = 0;
+        for (std::int64_t c = 0; c < d; ++c) dot += static_cast<double>(to_float(qr[c])) * k[c];
+        scores[t] = static_cast<double>(sm_scale) * dot;
+        m = std::max(m, scores[t]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double sum = 0;
+      for (std::int64_t t = 0; t < len; ++t) {
+        if (pages[t] < 0) continue;
+        const double p = std::exp(scores[t] - m);
+        sum += p;
+        detail::token_values(cache, seq, len, t, pages[t], h, true, v.data());
+        for (std::int64_t c = 0; c < d; ++c) acc[c] += p * v[c];
+      }
+      T* o = out + b * out_rows.batch_stride + qh * out_rows.head_stride;
+      for (std::int64_t c = 0; c < d; ++c) o[c] = from_float<T>(sum > 0 ? static_cast<float>(acc[c] / sum) : 0.0f);
+      if (lse != nullptr) lse[b * q_rows.q_heads + qh] = sum > 0 ? static_cast<float>(m + std::log(sum)) : -INFINITY;
     }
   }
   return cudaSuccess;
