@@ -14,6 +14,8 @@
 
 #include <driver_types.h>  // cudaError_t
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 KVQ_NAMESPACE_BEGIN
@@ -70,6 +72,95 @@ inline cudaError_t validate_decode_attention(const T* q, const QueryRows& q_rows
   for (const auto& i : in)
     if (detail::overlap(o, i) || detail::overlap(l, i)) return cudaErrorInvalidValue;
   if (detail::overlap(o, l)) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+/// The static limits a decode plan is made from: a CUDA graph captured with one plan replays for
+/// any batch up to max_batch and any lengths up to max_seq_len.
+struct DecodeLimits {
+  std::int64_t max_batch = 0;
+  std::int64_t q_heads = 0;
+  std::int64_t kv_heads = 0;
+  std::int64_t head_dim = 0;
+  std::int64_t max_seq_len = 0;
+};
+
+/// How decode_attention splits the work (flash-decoding): every sequence into `splits` chunks of
+/// `split_tokens` tokens, one block per (chunk, KV head, sequence), merged in a fixed order. Made
+/// from the limits and the GPU's SM count only, so the grid never depends on device data.
+struct DecodePlan {
+  DecodeLimits limits;
+  std::int64_t splits = 0;
+  std::int64_t split_tokens = 0;
+  std::size_t workspace_bytes = 0;  // partial outputs: fp32 [max_batch, q_heads, splits, head_dim + 2]
+};
+
+/// The largest group (q_heads / kv_heads) and head dim decode_attention runs.
+constexpr std::int64_t kMaxDecodeGroup = 16;
+constexpr std::int64_t kMaxDecodeHeadDim = 256;
+
+/// A plan for `limits` on a GPU of `sm_count` SMs: chunks of at least 256 tokens, as many as fill
+/// about two waves of blocks (FlashInfer's and FlashAttention's heuristics aim the same way).
+/// Limits that are not positive, or a group or head dim decode_attention does not run, give a plan
+/// of 0 splits, which decode_attention refuses.
+inline DecodePlan make_decode_plan(const DecodeLimits& limits, int sm_count) noexcept {
+  DecodePlan p;
+  p.limits = limits;
+  if (limits.max_batch < 1 || limits.q_heads < 1 || limits.kv_heads < 1 || limits.head_dim < 1 ||
+      limits.max_seq_len < 1 || limits.q_heads % limits.kv_heads != 0 ||
+      limits.q_heads / limits.kv_heads > kMaxDecodeGroup || limits.head_dim > kMaxDecodeHeadDim || sm_count < 1 ||
+      limits.max_batch > 65535 || limits.kv_heads > 65535)  // grid.z and grid.y
+    return p;
+  constexpr std::int64_t kMinSplitTokens = 256;
+  const std::int64_t blocks = limits.max_batch * limits.kv_heads;
+  const std::int64_t want = std::max<std::int64_t>(1, (2 * static_cast<std::int64_t>(sm_count) + blocks - 1) / blocks);
+  const std::int64_t by_length = (limits.max_seq_len + kMinSplitTokens - 1) / kMinSplitTokens;
+  p.splits = std::min(want, by_length);
+  p.split_tokens = (limits.max_seq_len + p.splits - 1) / p.splits;
+  p.workspace_bytes = static_cast<std::size_t>(limits.max_batch * limits.q_heads * p.splits * (limits.head_dim + 2)) *
+                      sizeof(float);
+  return p;
+}
+
+/// The workspace decode_attention needs under `plan`, in bytes (16-byte aligned memory).
+constexpr std::size_t decode_workspace_bytes(const DecodePlan& plan) noexcept { return plan.workspace_bytes; }
+
+/// validate_decode_attention, and the plan and workspace: a plan with splits for this call's
+/// heads and head dim, a batch within its max_batch, a 16-byte aligned workspace of at least
+/// plan.workspace_bytes that shares no byte with the other operands.
+template <class T>
+inline cudaError_t validate_decode_attention(const T* q, const QueryRows& q_rows, const PagedCache& cache,
+                                             const SequenceTable& seqs, const T* out, const QueryRows& out_rows,
+                                             const float* lse, const DecodePlan& plan, const void* workspace,
+                                             std::size_t workspace_bytes) noexcept {
+  if (cudaError_t err = validate_decode_attention(q, q_rows, cache, seqs, out, out_rows, lse); err != cudaSuccess)
+    return err;
+  const DecodeLimits& l = plan.limits;
+  if (plan.splits < 1 || l.q_heads != q_rows.q_heads || l.kv_heads != cache.kv_heads || l.head_dim != cache.head_dim ||
+      q_rows.batch > l.max_batch)
+    return cudaErrorInvalidValue;
+  if (q_rows.batch == 0) return cudaSuccess;
+  if (!workspace || workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
+  if (!detail::is_aligned(workspace, 16)) return cudaErrorMisalignedAddress;
+  const auto w = reinterpret_cast<std::uintptr_t>(workspace);
+  const detail::ByteRange ws{w, w + plan.workspace_bytes};
+  detail::ByteRange r[7];
+  detail::cache_ranges(cache, r);
+  const TokenRows qr{q_rows.batch, q_rows.batch_stride, q_rows.head_stride};
+  const TokenRows orow{out_rows.batch, out_rows.batch_stride, out_rows.head_stride};
+  const auto table = [](const void* p, std::int64_t bytes) {
+    const auto b = reinterpret_cast<std::uintptr_t>(p);
+    return detail::ByteRange{b, b + static_cast<std::uintptr_t>(p ? bytes : 0)};
+  };
+  const detail::ByteRange others[] = {r[0], r[1], r[2], r[3], r[4], r[5], r[6],
+                                      detail::rows_bytes(q, qr, q_rows.q_heads, cache.head_dim),
+                                      detail::rows_bytes(out, orow, q_rows.q_heads, cache.head_dim),
+                                      table(lse, q_rows.batch * q_rows.q_heads * 4),
+                                      table(seqs.block_table, seqs.batch * seqs.max_pages_per_seq * 4),
+                                      table(seqs.seq_lens, seqs.batch * 4),
+                                      table(seqs.seq_ids, seqs.batch * 4)};
+  for (const auto& o : others)
+    if (detail::overlap(ws, o)) return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 

@@ -7,12 +7,13 @@
 //   device.cuh     device-side building blocks for engines' own kernels
 //   paged.hpp      the paged cache: PagedCache, PageStrides, TokenRows, SequenceTable, validation
 //   paged.cuh      append_kv, gather_kv on the paged cache
-//   attention.hpp  decode attention's shapes and validation (its GPU operation: issue 18)
+//   attention.hpp  decode attention's shapes, plan and validation
+//   attention.cuh  decode_attention over the paged cache
 //   reference.hpp  CPU reference of every operation
 //   metrics.hpp    error metrics
 #pragma once
 
-#include <kvq/attention.hpp>
+#include <kvq/attention.cuh>
 #include <kvq/device.cuh>
 #include <kvq/metrics.hpp>
 #include <kvq/numerics.hpp>

@@ -1,5 +1,6 @@
 // tests/fast_math/every_kernel.cu: one translation unit that instantiates every kernel of kvq
-// (every operation, dtype and variant of the host API, and the device blocks of device.cuh), so
+// (every operation, dtype and variant of the host API, the paged cache and decode attention, and
+// the device blocks of device.cuh), so
 // that its PTX can be compared as built with and without --use_fast_math (CMakeLists.txt here).
 // It is compiled to PTX only, never linked or run.
 #include <kvq/kvq.cuh>
@@ -37,11 +38,29 @@ __global__ void device_blocks(const T* x, std::int8_t* q, float* scales, T* y, s
 
 }  // namespace kvq_fast_math_check
 
+/// The paged cache's and decode attention's kernels (both schemes: the scheme is a run-time field).
+template <class T>
+cudaError_t paged_ops(const T* x, T* y, const kvq::PagedCache& cache, const kvq::SequenceTable& seqs,
+                      const std::int64_t* slots, const kvq::TokenPositions& positions, const kvq::DecodePlan& plan,
+                      void* workspace, cudaStream_t stream) {
+  const kvq::TokenRows rows = kvq::dense_rows(4, cache.kv_heads, cache.head_dim);
+  cudaError_t err = kvq::append_kv(x, x, rows, slots, positions, cache, nullptr, stream);
+  if (err == cudaSuccess) err = kvq::gather_kv(cache, seqs, y, y + 1024, rows, nullptr, stream);
+  const kvq::QueryRows q = kvq::dense_queries(1, cache.kv_heads, cache.head_dim);
+  if (err == cudaSuccess)
+    err = kvq::decode_attention(x, q, cache, seqs, 1.0f, y, q, nullptr, plan, workspace, plan.workspace_bytes, nullptr,
+                                stream);
+  return err;
+}
+
 template <class T>
 cudaError_t instantiate(const T* x, std::int8_t* q, float* scales, T* y, const kvq::KvView& view,
                         const kvq::QuantSpec& spec, kvq::Variant variant, cudaStream_t stream) {
   kvq_fast_math_check::device_blocks<<<1, 32, 0, stream>>>(x, q, scales, y, view.channels);
-  return every_op(x, q, scales, y, view, spec, variant, stream);
+  const cudaError_t err = every_op(x, q, scales, y, view, spec, variant, stream);
+  return err != cudaSuccess ? err
+                            : paged_ops(x, y, kvq::PagedCache{}, kvq::SequenceTable{}, nullptr, kvq::TokenPositions{},
+                                        kvq::DecodePlan{}, nullptr, stream);
 }
 
 template cudaError_t instantiate(const float*, std::int8_t*, float*, float*, const kvq::KvView&, const kvq::QuantSpec&,
