@@ -11,8 +11,10 @@
 // see that name followed by /iterations:N/manual_time). Shapes are the paper's [T, D] matrices and
 // the engines' ones: rows one head wide (rowsR_DD: R (token, head) rows of D channels, one scale per
 // row), [T, H, D] seen per head (THD_...) and [B, H, T, D] (BHTD_...). The paged cache's cases
-// are op/dtype/scheme/shape: append_kv/half/per_token_head/decode_S64_H8_D128_P16 (paged_ops.hpp),
-// checked against kvq::reference::append_kv over the whole cache before they are timed.
+// are op/dtype/scheme/shape: append_kv/half/per_token_head/decode_S64_H8_D128_P16 and
+// decode_attention/half/per_token_head/B8_T32768_Hq32_Hkv8_D128_P64 (paged_ops.hpp), checked
+// against kvq::reference (append_kv over the whole cache, decode_attention on two sequences)
+// before they are timed.
 // Method, stated once here and printed at start-up:
 //   - inputs: fresh random values in [-1, 1) per case (random.hpp), never zeros, generated on the GPU;
 //   - before any timing, each case's output is checked: outputs are poisoned, the op runs once, no
@@ -417,13 +419,15 @@ void run_case(benchmark::State& state, const Case& c) {
   results()[name] = r;
 }
 
-/// A paged-cache case: made and checked by PagedAppend (paged_ops.cu), then timed as run_case times.
-void run_paged_case(benchmark::State& state, const PagedCase& c) {
+/// A paged-cache case (PagedAppend, DecodeAttention: paged_ops.cu, which make and check it), timed
+/// as run_case times.
+template <class Op, class C>
+void run_paged_case(benchmark::State& state, const C& c) {
   const std::string name = c.name();
-  std::unique_ptr<PagedAppend> op;
+  std::unique_ptr<Op> op;
   Replay replay;
   try {
-    op = std::make_unique<PagedAppend>(c, gpu().stream);
+    op = std::make_unique<Op>(c, gpu().stream);
     cuda_ok(replay.capture(calls_per_replay(c.bytes()), [&] { return op->launch(gpu().stream); }), "graph capture");
     double t = 0;
     cuda_ok(replay.time(/*cold=*/true, &t), "warm-up");
@@ -537,10 +541,15 @@ void register_cases(bool (*wanted)(const Case&)) {
 /// The paged cases belong to the default workload (and to any filter that names them).
 void register_paged_cases() {
   for (const PagedCase& c : paged_cases())
-    benchmark::RegisterBenchmark(c.name().c_str(), [c](benchmark::State& s) { run_paged_case(s, c); })
+    benchmark::RegisterBenchmark(c.name().c_str(), [c](benchmark::State& s) { run_paged_case<PagedAppend>(s, c); })
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond)
         ->Iterations(c.decode ? 50 : 30);
+  for (const DecodeCase& c : decode_cases())
+    benchmark::RegisterBenchmark(c.name().c_str(), [c](benchmark::State& s) { run_paged_case<DecodeAttention>(s, c); })
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond)
+        ->Iterations(30);
 }
 
 // --- output ------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 
 #include "random.hpp"
 
+#include <kvq/attention.cuh>
 #include <kvq/paged.cuh>
 #include <kvq/reference.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -174,5 +176,135 @@ cudaError_t PagedAppend::launch(cudaStream_t stream) const {
   }
   return cudaErrorInvalidValue;
 }
+
+std::vector<DecodeCase> decode_cases() {
+  return {DecodeCase{8, 32768}, DecodeCase{1, 131072}, DecodeCase{32, 1024}, DecodeCase{128, 2048},
+          DecodeCase{8, 32768, 32, 8, 128, 64, true}};
+}
+
+struct DecodeAttention::State {
+  DecodeCase c;
+  kvq::PagedCache cache;
+  kvq::SequenceTable seqs;
+  kvq::QueryRows rows;
+  kvq::DecodePlan plan;
+  std::uint8_t* pool = nullptr;  // K codes, V codes, K scales, V scales
+  std::int32_t* table = nullptr;
+  std::int32_t* lens = nullptr;
+  __half* q = nullptr;
+  __half* out = nullptr;
+  void* workspace = nullptr;
+
+  ~State() {
+    cudaFree(pool);
+    cudaFree(table);
+    cudaFree(lens);
+    cudaFree(q);
+    cudaFree(out);
+    cudaFree(workspace);
+    cudaFree(cache.k_open);
+  }
+
+  cudaError_t launch(cudaStream_t s) const {
+    return kvq::decode_attention(q, rows, cache, seqs, 1.0f / std::sqrt(static_cast<float>(c.head_dim)), out, rows,
+                                 nullptr, plan, workspace, plan.workspace_bytes, nullptr, s);
+  }
+
+  void prepare(cudaStream_t stream) {
+    const std::int64_t ps = c.page_size, h = c.kv_heads, d = c.head_dim;
+    const std::int64_t pages_per_seq = (c.tokens + ps - 1) / ps, pages = c.batch * pages_per_seq;
+    cache.num_pages = pages;
+    cache.page_size = ps;
+    cache.kv_heads = h;
+    cache.head_dim = d;
+    cache.k_strides = cache.v_strides = kvq::nhd_strides(ps, h, d);
+    const std::size_t codes = static_cast<std::size_t>(pages * ps * h * d);
+    const std::size_t v_scales = static_cast<std::size_t>(pages * ps * h) * sizeof(float);
+    const std::size_t k_scales = c.by_page ? static_cast<std::size_t>(pages * h * d) * sizeof(float) : v_scales;
+    if (c.by_page) {  // every page full: no open page, no sinks
+      cache.scheme = kvq::PagedScheme::kKeysPerChannelPage;
+      cache.max_seqs = c.batch;
+      cache.open_type = kvq::ElementType::kHalf;
+    }
+    // Random codes and scales, made on the host (the reference reads them there too).
+    std::vector<std::uint8_t> host(2 * codes + k_scales + v_scales);
+    const std::uint64_t seed = seed_of(c.name().c_str());
+    for (std::size_t i = 0; i < 2 * codes; ++i)
+      host[i] = static_cast<std::uint8_t>(static_cast<std::int8_t>(uniform_pm1(seed, i) * 127.0f));
+    float* ks = reinterpret_cast<float*>(host.data() + 2 * codes);
+    float* vs = reinterpret_cast<float*>(host.data() + 2 * codes + k_scales);
+    for (std::size_t i = 0; i < k_scales / 4; ++i) ks[i] = (1.0f + 0.5f * uniform_pm1(seed + 1, i)) / 127.0f;
+    for (std::size_t i = 0; i < v_scales / 4; ++i) vs[i] = (1.0f + 0.5f * uniform_pm1(seed + 2, i)) / 127.0f;
+    std::vector<std::int32_t> order(static_cast<std::size_t>(pages)), host_lens(c.batch, static_cast<std::int32_t>(c.tokens));
+    std::iota(order.begin(), order.end(), 0);
+    std::mt19937_64 rng(seed);
+    std::shuffle(order.begin(), order.end(), rng);  // the block table: shuffled pages
+    const std::int64_t q_elems = c.batch * c.q_heads * d;
+    std::vector<__half> host_q(static_cast<std::size_t>(q_elems));
+    for (std::int64_t i = 0; i < q_elems; ++i) host_q[i] = __float2half(uniform_pm1(seed + 3, i));
+
+    ok(cudaMalloc(reinterpret_cast<void**>(&pool), host.size()), "cudaMalloc");
+    ok(cudaMemcpy(pool, host.data(), host.size(), cudaMemcpyHostToDevice), "cudaMemcpy");
+    auto on = [&](std::uint8_t* base, kvq::PagedCache& cc) {
+      cc.k_codes = reinterpret_cast<std::int8_t*>(base);
+      cc.v_codes = reinterpret_cast<std::int8_t*>(base + codes);
+      cc.k_scales = reinterpret_cast<float*>(base + 2 * codes);
+      cc.v_scales = reinterpret_cast<float*>(base + 2 * codes + k_scales);
+    };
+    on(pool, cache);
+    if (c.by_page) {  // an open-page buffer the full pages never read (validation wants one)
+      ok(cudaMalloc(&cache.k_open, static_cast<std::size_t>(c.batch * ps * h * d) * 2), "cudaMalloc");
+    }
+    ok(cudaMalloc(reinterpret_cast<void**>(&table), order.size() * 4), "cudaMalloc");
+    ok(cudaMemcpy(table, order.data(), order.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+    ok(cudaMalloc(reinterpret_cast<void**>(&lens), host_lens.size() * 4), "cudaMalloc");
+    ok(cudaMemcpy(lens, host_lens.data(), host_lens.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+    ok(cudaMalloc(reinterpret_cast<void**>(&q), static_cast<std::size_t>(q_elems) * 2), "cudaMalloc");
+    ok(cudaMemcpy(q, host_q.data(), static_cast<std::size_t>(q_elems) * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
+    ok(cudaMalloc(reinterpret_cast<void**>(&out), static_cast<std::size_t>(q_elems) * 2), "cudaMalloc");
+    ok(cudaMemset(out, 0xff, static_cast<std::size_t>(q_elems) * 2), "cudaMemset");
+    seqs = kvq::SequenceTable{c.batch, pages_per_seq, table, lens, nullptr, nullptr};
+    rows = kvq::dense_queries(c.batch, c.q_heads, d);
+    int sms = 0;
+    ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "cudaDeviceGetAttribute");
+    plan = kvq::make_decode_plan(kvq::DecodeLimits{c.batch, c.q_heads, h, d, c.tokens}, sms);
+    ok(cudaMalloc(&workspace, std::max<std::size_t>(plan.workspace_bytes, 16)), "cudaMalloc");
+    ok(launch(stream), "decode_attention");
+    ok(cudaStreamSynchronize(stream), "decode_attention (the checked run)");
+
+    // Sequences 0 and batch - 1 against the reference (float64), within 2 fp16 ulps + 1e-4.
+    std::vector<__half> got(static_cast<std::size_t>(q_elems));
+    ok(cudaMemcpy(got.data(), out, got.size() * 2, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    kvq::PagedCache hc = cache;
+    on(host.data(), hc);
+    std::vector<std::uint8_t> host_open(c.by_page ? static_cast<std::size_t>(c.batch * ps * h * d) * 2 : 0);
+    hc.k_open = c.by_page ? host_open.data() : nullptr;
+    std::vector<std::int64_t> checked = {0};
+    if (c.batch > 1) checked.push_back(c.batch - 1);
+    for (std::int64_t b : checked) {
+      const kvq::SequenceTable one{1, pages_per_seq, order.data() + b * pages_per_seq, host_lens.data() + b, nullptr, nullptr};
+      std::vector<__half> want(static_cast<std::size_t>(c.q_heads * d));
+      if (kvq::reference::decode_attention(host_q.data() + b * c.q_heads * d, kvq::dense_queries(1, c.q_heads, d), hc,
+                                           one, 1.0f / std::sqrt(static_cast<float>(d)), want.data(),
+                                           kvq::dense_queries(1, c.q_heads, d)) != cudaSuccess)
+        throw std::runtime_error("the reference refused the case");
+      for (std::size_t i = 0; i < want.size(); ++i) {
+        const float w = __half2float(want[i]), g = __half2float(got[b * c.q_heads * d + i]);
+        if (!(std::fabs(g - w) <= std::fabs(w) * 0x1p-10f + 1e-4f))
+          throw std::runtime_error("WRONG RESULT: sequence " + std::to_string(b) + " element " + std::to_string(i) +
+                                   ": " + std::to_string(g) + " against the reference's " + std::to_string(w));
+      }
+    }
+  }
+};
+
+DecodeAttention::DecodeAttention(const DecodeCase& c, cudaStream_t stream) : s_(new State) {
+  s_->c = c;
+  s_->prepare(stream);
+}
+
+DecodeAttention::~DecodeAttention() = default;
+
+cudaError_t DecodeAttention::launch(cudaStream_t stream) const { return s_->launch(stream); }
 
 }  // namespace kvq_bench

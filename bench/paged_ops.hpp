@@ -63,4 +63,48 @@ class PagedAppend {
   std::unique_ptr<State> s_;
 };
 
+/// Decode attention over a paged cache (kvq::decode_attention): 32 query / 8 KV heads of 128
+/// channels by default, fp16 queries, pages of 64. Named
+/// decode_attention/half/per_token_head/B8_T32768_Hq32_Hkv8_D128_P64.
+struct DecodeCase {
+  std::int64_t batch = 8;
+  std::int64_t tokens = 32768;  // per sequence
+  std::int64_t q_heads = 32;
+  std::int64_t kv_heads = 8;
+  std::int64_t head_dim = 128;
+  std::int64_t page_size = 64;
+  bool by_page = false;
+
+  std::string name() const {
+    return std::string("decode_attention/half/") + (by_page ? "keys_per_channel_page/" : "per_token_head/") + "B" +
+           std::to_string(batch) + "_T" + std::to_string(tokens) + "_Hq" + std::to_string(q_heads) + "_Hkv" +
+           std::to_string(kv_heads) + "_D" + std::to_string(head_dim) + "_P" + std::to_string(page_size);
+  }
+  /// Codes and scales of K and V read once, q read, out written.
+  double bytes() const {
+    const double rows = static_cast<double>(batch * tokens * kv_heads), dim = static_cast<double>(head_dim);
+    const double k_scales = by_page ? static_cast<double>(batch * tokens / page_size * kv_heads) * dim * 4 : rows * 4;
+    return 2 * rows * dim + rows * 4 + k_scales + 2.0 * static_cast<double>(batch * q_heads) * dim * 2;
+  }
+};
+
+/// The default workload's decode cases: the four shapes, per token-head, and B=8 T=32768
+/// with keys per channel per page.
+std::vector<DecodeCase> decode_cases();
+
+/// A cache of random codes and scales (pages shuffled), queries, a plan and its workspace; the
+/// call run once and sequences 0 and batch - 1 compared with kvq::reference::decode_attention.
+class DecodeAttention {
+ public:
+  DecodeAttention(const DecodeCase& c, cudaStream_t stream);  // throws std::runtime_error
+  ~DecodeAttention();
+  DecodeAttention(const DecodeAttention&) = delete;
+  DecodeAttention& operator=(const DecodeAttention&) = delete;
+  cudaError_t launch(cudaStream_t stream) const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
 }  // namespace kvq_bench
