@@ -2,7 +2,10 @@
 # bench/run_gpu_bench.sh: the whole benchmark run on a GPU machine, in one command.
 #
 #   OUT=/some/dir bash bench/run_gpu_bench.sh [STEP...]
-#   STEP: build default paper torch plot (default: all five, in that order)
+#   STEP: build default paper torch plot (default: all five, in that order), and decode (only when
+#         named): kvq_bench's decode_attention cases and bench/compare_decode.py's peers (SDPA, and
+#         FlashInfer from the wheels in KVQ_WHEELS, default build/wheels: bench/get_peer_wheels.sh
+#         fetches them; carry that directory to the GPU machine) -> decode_kvq.json, decode.json, decode.md
 #
 # Run from the repository root. Needs nvcc (13.0 was used), CMake >= 3.25, Ninja, Google Benchmark
 # (find_package), and Python with torch, triton and matplotlib; no network. Budget: < 10 minutes
@@ -82,6 +85,14 @@ torch_cap=$((DEADLINE - SECONDS - 10))
 ((torch_cap > 300)) && torch_cap=300
 wants torch && step torch "$torch_cap" 10 "$PYTHON" bench/compare_torch.py --kvq-json "$OUT/bench.json" \
   "$OUT/paper.json" --deadline-s $((torch_cap - 30)) --out-json "$OUT/torch.json" --out-md "$OUT/compare.md"
+if wants decode; then
+  step decode_kvq 150 60 "$BENCH" --benchmark_filter='^decode_attention/' --benchmark_out="$OUT/decode_kvq.json" \
+    --benchmark_out_format=json
+  wheels=()
+  [ -d "${KVQ_WHEELS:-build/wheels}" ] && wheels=(--wheels "${KVQ_WHEELS:-build/wheels}")
+  step decode_peers 240 0 "$PYTHON" bench/compare_decode.py --kvq-json "$OUT/decode_kvq.json" "${wheels[@]}" \
+    --out-json "$OUT/decode.json" --out-md "$OUT/decode.md"
+fi
 if wants plot; then
   kvq_json=()
   for f in "$OUT/paper.json" "$OUT/bench.json"; do [ -s "$f" ] && kvq_json+=("$f"); done
