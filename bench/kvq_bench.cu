@@ -343,6 +343,15 @@ double median(std::vector<E> v) {
   return v.size() % 2 == 1 ? v[m] : 0.5 * (static_cast<double>(v[m - 1]) + v[m]);
 }
 
+/// Captures `calls` back-to-back calls into `replay` and replays it once cold and once hot (lazy
+/// module loading makes first launches slow). Throws on a CUDA error.
+void capture_and_warm(Replay& replay, int calls, const std::function<cudaError_t()>& call) {
+  cuda_ok(replay.capture(calls, call), "graph capture");
+  double t = 0;
+  cuda_ok(replay.time(/*cold=*/true, &t), "warm-up");
+  cuda_ok(replay.time(/*cold=*/false, &t), "warm-up");
+}
+
 /// One cold replay per Google Benchmark iteration, then as many hot ones (milliseconds per call).
 /// False (the case failed or stopped early) when there is nothing to report.
 bool time_replays(benchmark::State& state, const std::string& name, const Replay& replay, std::vector<double>& cold,
@@ -378,10 +387,7 @@ void run_case(benchmark::State& state, const Case& c) {
   Replay replay;
   try {
     l = prepare(c, name);
-    cuda_ok(replay.capture(calls_per_replay(bytes.counted), [&] { return launch(c.dtype, l); }), "graph capture");
-    double t = 0;
-    cuda_ok(replay.time(/*cold=*/true, &t), "warm-up");
-    cuda_ok(replay.time(/*cold=*/false, &t), "warm-up");
+    capture_and_warm(replay, calls_per_replay(bytes.counted), [&] { return launch(c.dtype, l); });
   } catch (const std::exception& e) {
     fail(state, name, e.what());
     return;
@@ -428,10 +434,7 @@ void run_paged_case(benchmark::State& state, const C& c) {
   Replay replay;
   try {
     op = std::make_unique<Op>(c, gpu().stream);
-    cuda_ok(replay.capture(calls_per_replay(c.bytes()), [&] { return op->launch(gpu().stream); }), "graph capture");
-    double t = 0;
-    cuda_ok(replay.time(/*cold=*/true, &t), "warm-up");
-    cuda_ok(replay.time(/*cold=*/false, &t), "warm-up");
+    capture_and_warm(replay, calls_per_replay(c.bytes()), [&] { return op->launch(gpu().stream); });
   } catch (const std::exception& e) {
     fail(state, name, e.what());
     return;

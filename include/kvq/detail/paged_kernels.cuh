@@ -74,44 +74,6 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   }
 }
 
-template <int kLanes, class T>
-KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
-    gather_kv_kernel(PagedCache cache, SequenceTable seqs,
-                     T* k_out, T* v_out,  // out (tokens, kv_heads, head_dim)
-                     TokenRows out,
-                     unsigned long long* error_count) {  // optional
-  const auto g = device::RowLanes<kLanes>::this_thread();
-  const std::int64_t groups_per_block = PagedPolicy::kThreads / kLanes;
-  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * groups_per_block;
-  const std::int64_t max_tokens = seqs.max_pages_per_seq * cache.page_size;
-  const std::int64_t n = seqs.batch * max_tokens * cache.kv_heads * 2;
-  for (std::int64_t i = blockIdx.x * groups_per_block + threadIdx.x / kLanes; i < n; i += stride) {
-    const bool is_v = i & 1;
-    const std::int64_t th = i >> 1, h = th % cache.kv_heads, bt = th / cache.kv_heads;
-    const std::int64_t b = bt / max_tokens, t = bt % max_tokens;
-    const bool counter = error_count != nullptr && !is_v && h == 0 && g.lane == 0;
-    const std::int64_t len = seqs.seq_lens[b];
-    if (len < 0 || len > max_tokens) {  // the whole sequence is skipped, counted once
-      if (counter && t == 0) atomicAdd(error_count, 1ull);
-      continue;
-    }
-    if (t >= len) continue;
-    const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / cache.page_size];
-    const std::int64_t row = (seqs.out_start != nullptr ? seqs.out_start[b] : b * max_tokens) + t;
-    if (page < 0 || page >= cache.num_pages || row < 0 || row >= out.tokens) {  // skipped, counted per token
-      if (counter) atomicAdd(error_count, 1ull);
-      continue;
-    }
-    const std::int64_t offset = t % cache.page_size, slot = page * cache.page_size + offset;
-    const PageStrides& s = is_v ? cache.v_strides : cache.k_strides;
-    const std::int8_t* codes = (is_v ? cache.v_codes : cache.k_codes) + page * s.page_stride +
-                               offset * s.token_stride + h * s.head_stride;
-    const float scale = (is_v ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)];
-    T* y = (is_v ? v_out : k_out) + row * out.token_stride + h * out.head_stride;
-    device::dequantize_row(g, codes, cache.head_dim, scale, y);
-  }
-}
-
 // --- kKeysPerChannelPage ------------------------------------------------------------------------
 //
 // V rows are written as under kPerTokenHead. A K row goes to the sinks when its position is one,
@@ -240,12 +202,17 @@ __device__ inline float paged_full_value(const void* p, ElementType t, std::int6
   }
 }
 
+// --- gather_kv, both schemes ---------------------------------------------------------------------
+
+/// Row (b, t, h, K or V) back to T: per token-head codes through dequantize_row; under
+/// kKeysPerChannelPage keys of full pages under their channel scales, the open page's keys and the
+/// sinks from their full-precision buffers.
 template <int kLanes, class T>
 KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
-    gather_kv_by_page_kernel(PagedCache cache, SequenceTable seqs,
-                             T* k_out, T* v_out,  // out (tokens, kv_heads, head_dim)
-                             TokenRows out,
-                             unsigned long long* error_count) {  // optional
+    gather_kv_kernel(PagedCache cache, SequenceTable seqs,
+                     T* k_out, T* v_out,  // out (tokens, kv_heads, head_dim)
+                     TokenRows out,
+                     unsigned long long* error_count) {  // optional
   const auto g = device::RowLanes<kLanes>::this_thread();
   const std::int64_t groups_per_block = PagedPolicy::kThreads / kLanes;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * groups_per_block;
@@ -256,9 +223,10 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     const std::int64_t th = i >> 1, h = th % cache.kv_heads, bt = th / cache.kv_heads;
     const std::int64_t b = bt / max_tokens, t = bt % max_tokens;
     const bool counter = error_count != nullptr && !is_v && h == 0 && g.lane == 0;
+    const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
     const std::int64_t len = seqs.seq_lens[b];
     const std::int64_t seq = seqs.seq_ids != nullptr ? seqs.seq_ids[b] : b;
-    if (len < 0 || len > max_tokens || seq < 0 || seq >= cache.max_seqs) {  // the sequence: skipped, counted once
+    if (len < 0 || len > max_tokens || (by_page && (seq < 0 || seq >= cache.max_seqs))) {  // skipped, counted once
       if (counter && t == 0) atomicAdd(error_count, 1ull);
       continue;
     }
@@ -271,7 +239,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     }
     const std::int64_t offset = t % ps, slot = page * ps + offset;
     T* y = (is_v ? v_out : k_out) + row * out.token_stride + h * out.head_stride;
-    if (t < cache.sink_tokens) {
+    if (by_page && t < cache.sink_tokens) {
       const void* sink = is_v ? cache.v_sink : cache.k_sink;
       for (std::int64_t c = g.lane; c < d; c += kLanes)
         y[c] = from_float<T>(paged_full_value(sink, cache.open_type, cache.sink_offset(seq, t, h, c)));
@@ -280,8 +248,8 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     const PageStrides& s = is_v ? cache.v_strides : cache.k_strides;
     const std::int8_t* codes = (is_v ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride +
                                h * s.head_stride;
-    if (is_v) {
-      device::dequantize_row(g, codes, d, cache.v_scales[cache.scale_offset(slot, h)], y);
+    if (!by_page || is_v) {  // per token-head scales
+      device::dequantize_row(g, codes, d, (is_v ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)], y);
     } else if (t >= len / ps * ps) {  // the open page: full precision
       for (std::int64_t c = g.lane; c < d; c += kLanes)
         y[c] = from_float<T>(paged_full_value(cache.k_open, cache.open_type, cache.open_offset(seq, offset, h, c)));
@@ -332,16 +300,12 @@ cudaError_t launch_gather_kv(const PagedCache& cache, const SequenceTable& seqs,
   const int lanes = paged_lanes<T>(cache.head_dim);
   const unsigned grid = paged_grid(n, lanes);
   constexpr int kThreads = PagedPolicy::kThreads;
-  const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
   if (lanes == 8)
-    (by_page ? gather_kv_by_page_kernel<8, T> : gather_kv_kernel<8, T>)<<<grid, kThreads, 0, stream>>>(
-        cache, seqs, k_out, v_out, out, error_count);
+    gather_kv_kernel<8, T><<<grid, kThreads, 0, stream>>>(cache, seqs, k_out, v_out, out, error_count);
   else if (lanes == 16)
-    (by_page ? gather_kv_by_page_kernel<16, T> : gather_kv_kernel<16, T>)<<<grid, kThreads, 0, stream>>>(
-        cache, seqs, k_out, v_out, out, error_count);
+    gather_kv_kernel<16, T><<<grid, kThreads, 0, stream>>>(cache, seqs, k_out, v_out, out, error_count);
   else
-    (by_page ? gather_kv_by_page_kernel<32, T> : gather_kv_kernel<32, T>)<<<grid, kThreads, 0, stream>>>(
-        cache, seqs, k_out, v_out, out, error_count);
+    gather_kv_kernel<32, T><<<grid, kThreads, 0, stream>>>(cache, seqs, k_out, v_out, out, error_count);
   return check_launch();
 }
 
