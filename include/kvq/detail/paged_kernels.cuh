@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 KVQ_NAMESPACE_BEGIN
 namespace detail {
@@ -260,53 +261,48 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   }
 }
 
+/// Launches `kernel(lanes, grid)` for `rows` rows of head_dim values of T: the lane count chosen by
+/// paged_lanes as a compile-time constant (8, 16 or 32), the grid by paged_grid.
+template <class T, class Kernel>
+cudaError_t launch_by_lanes(std::int64_t rows, std::int64_t head_dim, Kernel kernel) {
+  const int lanes = paged_lanes<T>(head_dim);
+  const unsigned grid = paged_grid(rows, lanes);
+  if (lanes == 8)
+    kernel(std::integral_constant<int, 8>{}, grid);
+  else if (lanes == 16)
+    kernel(std::integral_constant<int, 16>{}, grid);
+  else
+    kernel(std::integral_constant<int, 32>{}, grid);
+  return check_launch();
+}
+
 template <class T>
 cudaError_t launch_append_kv(const T* k_new, const T* v_new, const TokenRows& rows, const std::int64_t* slot_mapping,
                              const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
-  const std::int64_t n = rows.tokens * cache.kv_heads * 2;
-  const int lanes = paged_lanes<T>(cache.head_dim);
-  const unsigned grid = paged_grid(n, lanes);
-  constexpr int kThreads = PagedPolicy::kThreads;
-  if (lanes == 8)
-    append_kv_kernel<8, T><<<grid, kThreads, 0, stream>>>(k_new, v_new, rows, slot_mapping, cache, error_count);
-  else if (lanes == 16)
-    append_kv_kernel<16, T><<<grid, kThreads, 0, stream>>>(k_new, v_new, rows, slot_mapping, cache, error_count);
-  else
-    append_kv_kernel<32, T><<<grid, kThreads, 0, stream>>>(k_new, v_new, rows, slot_mapping, cache, error_count);
-  return check_launch();
+  return launch_by_lanes<T>(rows.tokens * cache.kv_heads * 2, cache.head_dim, [&](auto lanes, unsigned grid) {
+    append_kv_kernel<decltype(lanes)::value, T><<<grid, PagedPolicy::kThreads, 0, stream>>>(
+        k_new, v_new, rows, slot_mapping, cache, error_count);
+  });
 }
 
 template <class T>
 cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const TokenRows& rows,
                                      const std::int64_t* slot_mapping, const TokenPositions& tp,
                                      const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
-  const std::int64_t n = rows.tokens * cache.kv_heads * 2;
-  const int lanes = paged_lanes<T>(cache.head_dim);
-  const unsigned grid = paged_grid(n, lanes);
-  constexpr int kThreads = PagedPolicy::kThreads;
-  if (lanes == 8)
-    append_kv_by_page_kernel<8, T><<<grid, kThreads, 0, stream>>>(k_new, v_new, rows, slot_mapping, tp, cache, error_count);
-  else if (lanes == 16)
-    append_kv_by_page_kernel<16, T><<<grid, kThreads, 0, stream>>>(k_new, v_new, rows, slot_mapping, tp, cache, error_count);
-  else
-    append_kv_by_page_kernel<32, T><<<grid, kThreads, 0, stream>>>(k_new, v_new, rows, slot_mapping, tp, cache, error_count);
-  return check_launch();
+  return launch_by_lanes<T>(rows.tokens * cache.kv_heads * 2, cache.head_dim, [&](auto lanes, unsigned grid) {
+    append_kv_by_page_kernel<decltype(lanes)::value, T><<<grid, PagedPolicy::kThreads, 0, stream>>>(
+        k_new, v_new, rows, slot_mapping, tp, cache, error_count);
+  });
 }
 
 template <class T>
 cudaError_t launch_gather_kv(const PagedCache& cache, const SequenceTable& seqs, T* k_out, T* v_out,
                              const TokenRows& out, unsigned long long* error_count, cudaStream_t stream) {
-  const std::int64_t n = seqs.batch * seqs.max_pages_per_seq * cache.page_size * cache.kv_heads * 2;
-  const int lanes = paged_lanes<T>(cache.head_dim);
-  const unsigned grid = paged_grid(n, lanes);
-  constexpr int kThreads = PagedPolicy::kThreads;
-  if (lanes == 8)
-    gather_kv_kernel<8, T><<<grid, kThreads, 0, stream>>>(cache, seqs, k_out, v_out, out, error_count);
-  else if (lanes == 16)
-    gather_kv_kernel<16, T><<<grid, kThreads, 0, stream>>>(cache, seqs, k_out, v_out, out, error_count);
-  else
-    gather_kv_kernel<32, T><<<grid, kThreads, 0, stream>>>(cache, seqs, k_out, v_out, out, error_count);
-  return check_launch();
+  const std::int64_t rows = seqs.batch * seqs.max_pages_per_seq * cache.page_size * cache.kv_heads * 2;
+  return launch_by_lanes<T>(rows, cache.head_dim, [&](auto lanes, unsigned grid) {
+    gather_kv_kernel<decltype(lanes)::value, T><<<grid, PagedPolicy::kThreads, 0, stream>>>(cache, seqs, k_out, v_out,
+                                                                                          out, error_count);
+  });
 }
 
 }  // namespace detail
