@@ -5,7 +5,7 @@
 // attention) and returns softmax(sm_scale * q K^T) V, with optionally the natural-log sum of
 // exp(sm_scale * q k) over the sequence's tokens (`lse`), so that a caller can merge it with
 // attention over other tokens. The CPU reference is kvq::reference::decode_attention (float64 over
-// the dequantized cache); the GPU operation is the next step of issue 18.
+// the dequantized cache); the GPU operation is kvq/attention.cuh.
 #pragma once
 
 #include <kvq/version.hpp>
@@ -91,16 +91,20 @@ struct DecodeLimits {
 struct DecodePlan {
   DecodeLimits limits;
   std::int64_t splits = 0;
-  std::int64_t split_tokens = 0;
-  std::size_t workspace_bytes = 0;  // partial outputs: fp32 [max_batch, q_heads, splits, head_dim + 2]
+  std::int64_t split_tokens = 0;    // a multiple of kDecodeSplitAlign
+  std::size_t workspace_bytes = 0;  // partial outputs: fp32 [max_batch, q_heads, splits + 1, head_dim + 2]
 };
 
 /// The largest group (q_heads / kv_heads) and head dim decode_attention runs.
 constexpr std::int64_t kMaxDecodeGroup = 16;
 constexpr std::int64_t kMaxDecodeHeadDim = 256;
+/// Chunks start at multiples of this many tokens: the tensor-core kernel's warps take the
+/// chunk's tokens in blocks of 64 (four tiles of 16).
+constexpr std::int64_t kDecodeSplitAlign = 64;
 
-/// A plan for `limits` on a GPU of `sm_count` SMs: chunks of at least 256 tokens, as many as fill
-/// about two waves of blocks (FlashInfer's and FlashAttention's heuristics aim the same way).
+/// A plan for `limits` on a GPU of `sm_count` SMs: chunks of at least 256 tokens, as many as
+/// give about four blocks per SM (FlashInfer's and FlashAttention's split heuristics aim the same
+/// way: fill the GPU once, no more, since every chunk adds a partial to merge).
 /// Limits that are not positive, or a group or head dim decode_attention does not run, give a plan
 /// of 0 splits, which decode_attention refuses.
 inline DecodePlan make_decode_plan(const DecodeLimits& limits, int sm_count) noexcept {
@@ -109,16 +113,18 @@ inline DecodePlan make_decode_plan(const DecodeLimits& limits, int sm_count) noe
   if (limits.max_batch < 1 || limits.q_heads < 1 || limits.kv_heads < 1 || limits.head_dim < 1 ||
       limits.max_seq_len < 1 || limits.q_heads % limits.kv_heads != 0 ||
       limits.q_heads / limits.kv_heads > kMaxDecodeGroup || limits.head_dim > kMaxDecodeHeadDim || sm_count < 1 ||
-      limits.max_batch > 65535 || limits.kv_heads > 65535)  // grid.z and grid.y
-    return p;
-  constexpr std::int64_t kMinSplitTokens = 256;
+      limits.max_batch > 65535 || limits.kv_heads > 65535 || limits.max_seq_len > (std::int64_t{1} << 31))
+    return p;  // grid.z, grid.y; lengths are int32
+  constexpr std::int64_t kMinSplitTokens = 256, kBlocksPerSm = 4;
   const std::int64_t blocks = limits.max_batch * limits.kv_heads;
-  const std::int64_t want = std::max<std::int64_t>(1, (2 * static_cast<std::int64_t>(sm_count) + blocks - 1) / blocks);
-  const std::int64_t by_length = (limits.max_seq_len + kMinSplitTokens - 1) / kMinSplitTokens;
-  p.splits = std::min(want, by_length);
-  p.split_tokens = (limits.max_seq_len + p.splits - 1) / p.splits;
-  p.workspace_bytes = static_cast<std::size_t>(limits.max_batch * limits.q_heads * p.splits * (limits.head_dim + 2)) *
-                      sizeof(float);
+  const std::int64_t want = std::max<std::int64_t>(1, (kBlocksPerSm * sm_count + blocks - 1) / blocks);
+  std::int64_t tokens = std::max(kMinSplitTokens, (limits.max_seq_len + want - 1) / want);
+  tokens = (tokens + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
+  p.splits = (limits.max_seq_len + tokens - 1) / tokens;
+  p.split_tokens = tokens;
+  p.workspace_bytes =
+      static_cast<std::size_t>(limits.max_batch * limits.q_heads * (p.splits + 1) * (limits.head_dim + 2)) *
+      sizeof(float);
   return p;
 }
 
@@ -136,8 +142,14 @@ inline cudaError_t validate_decode_attention(const T* q, const QueryRows& q_rows
   if (cudaError_t err = validate_decode_attention(q, q_rows, cache, seqs, out, out_rows, lse); err != cudaSuccess)
     return err;
   const DecodeLimits& l = plan.limits;
-  if (plan.splits < 1 || l.q_heads != q_rows.q_heads || l.kv_heads != cache.kv_heads || l.head_dim != cache.head_dim ||
-      q_rows.batch > l.max_batch)
+  if (plan.splits < 1 || plan.splits >= 65535 || plan.split_tokens < 1 || plan.split_tokens % kDecodeSplitAlign != 0 ||
+      l.q_heads != q_rows.q_heads || l.kv_heads != cache.kv_heads || l.head_dim != cache.head_dim ||
+      q_rows.batch > l.max_batch || l.max_batch > 65535 || l.kv_heads > 65535 ||
+      l.q_heads / l.kv_heads > kMaxDecodeGroup || l.head_dim > kMaxDecodeHeadDim)
+    return cudaErrorInvalidValue;
+  // A plan made by hand must still hold every partial its grid writes.
+  if (plan.workspace_bytes < static_cast<std::size_t>(l.max_batch * l.q_heads * (plan.splits + 1) * (l.head_dim + 2)) *
+                                 sizeof(float))
     return cudaErrorInvalidValue;
   if (q_rows.batch == 0) return cudaSuccess;
   if (!workspace || workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;

@@ -1,17 +1,30 @@
 // kvq/detail/attention_kernels.cuh: the kernels behind kvq/attention.cuh (decode attention).
 //
-// Flash-decoding in two kernels. decode_partial_kernel: one block per (chunk of a sequence, KV
-// head, sequence), 4 warps. A tile of kTile tokens of the chunk's keys and values is dequantized
-// into shared memory (fp32, exactly as gather_kv dequantizes them); each warp owns some of the
-// group's query heads, a lane scores one token of the tile against its head, and the warp keeps
-// an online softmax (running max, sum, and the lanes' channels of the weighted values). So every
-// KV page is read once per group, whatever the group size. The chunk's unnormalized sums go to the
-// workspace. decode_merge_kernel: one warp per (sequence, query head) combines the chunks in
-// order: no atomics, so the result is deterministic and identical eager and in a graph.
+// Flash-decoding: one block per (chunk of a sequence, KV head, sequence) writes the chunk's
+// unnormalized partial (acc[head_dim], running max m in base 2, sum l) for each query head of the
+// group to the workspace; decode_merge_kernel, one warp per (sequence, query head), combines them
+// in order: no atomics, so the result is deterministic and identical eager and in a graph. Every
+// KV page is read once per group, whatever the group size. Two partial kernels:
 //
-// The arithmetic is the contract's inline PTX (mul_rn, fma_rn, ...) and ex2.approx / lg2.approx
-// spelled in PTX, so the caller's --use_fast_math changes nothing. Scores are kept in base 2.
-// This first kernel uses CUDA cores only (no tensor cores) and scalar code loads.
+//   decode_mma_kernel     tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate), for fp16 /
+//                         bf16 queries, head dims 64 / 128 / 256 and 8-byte aligned pools. Each
+//                         warp takes tiles of 16 tokens straight from the pool into registers
+//                         (K and V codes as int8, converted exactly to fp16), S = Q K^T and
+//                         O += P V on the tensor cores, with the query heads as the MMA's rows.
+//                         Per-token scales multiply S after the MMA (keys) and P before it
+//                         (values); per-channel key scales (kKeysPerChannelPage) multiply Q,
+//                         once per page. Whatever is not exact in fp16 (Q, P) goes in as two fp16
+//                         terms, hi + lo, so the products carry about 2^-22 of relative error, as
+//                         fp32 would. The block's four warps merge their partials in shared
+//                         memory. Under kKeysPerChannelPage one more block per (sequence, head)
+//                         runs the scalar code on the full-precision tokens (sinks, open page).
+//   decode_partial_kernel CUDA cores, any head dim, alignment and type: a tile of tokens
+//                         dequantized into shared memory (fp32, as gather_kv dequantizes), a lane
+//                         per token scoring it, a warp per query head of the group.
+//
+// The arithmetic is the contract's inline PTX (mul_rn, fma_rn, ...), ex2.approx / lg2.approx and
+// the fp16 conversions spelled in PTX, so the caller's --use_fast_math changes nothing. Scores are
+// kept in base 2.
 #pragma once
 
 #include <kvq/version.hpp>
@@ -82,44 +95,66 @@ __device__ inline float paged_token_value(const PagedCache& c, std::int64_t seq,
   return dequantize_value<float>(code, sanitize_scale(scale));
 }
 
-/// Where chunk s of (sequence b, query head qh) keeps its partial result in the workspace:
-/// acc[head_dim] (the unnormalized weighted values), then m (running max, base 2) and l (sum).
+/// Where partial s of (sequence b, query head qh) lives in the workspace: acc[head_dim] (the
+/// unnormalized weighted values), then m (running max, base 2) and l (sum). A plan has room for
+/// splits + 1 partials per (sequence, query head): the chunks, and the full-precision tokens.
 __device__ inline std::int64_t decode_partial_offset(const DecodePlan& p, std::int64_t b, std::int64_t qh,
                                                      std::int64_t s) {
-  return ((b * p.limits.q_heads + qh) * p.splits + s) * (p.limits.head_dim + 2);
+  return ((b * p.limits.q_heads + qh) * (p.splits + 1) + s) * (p.limits.head_dim + 2);
 }
 
+/// A sequence as decode attention reads it: its cache id and its length, both untrusted. A length
+/// below 0 or past the table's pages or the plan, or (kKeysPerChannelPage) an id outside the cache,
+/// make it empty; `count` says whether this block counts that (once per sequence).
+struct DecodeSequence {
+  std::int64_t seq, len;
+  __device__ DecodeSequence(const PagedCache& c, const SequenceTable& seqs, const DecodePlan& plan, std::int64_t b,
+                            bool count, unsigned long long* error_count) {
+    seq = seqs.seq_ids != nullptr ? seqs.seq_ids[b] : b;
+    len = seqs.seq_lens[b];
+    const bool by_page = c.scheme == PagedScheme::kKeysPerChannelPage;
+    if (len < 0 || len > seqs.max_pages_per_seq * c.page_size || len > plan.split_tokens * plan.splits ||
+        (by_page && (seq < 0 || seq >= c.max_seqs))) {
+      if (error_count != nullptr && count) atomicAdd(error_count, 1ull);
+      len = 0;
+    }
+  }
+};
+
+struct TokenRange {
+  std::int64_t begin, end;
+};
+
+/// The scalar path's shared memory: the group's queries (* sm_scale * log2(e)) and one tile of
+/// dequantized keys and values (+1: lanes read different rows of one column).
+template <int kMaxDim>
+struct ScalarDecodeSmem {
+  static constexpr int kTile = DecodeTile<kMaxDim>::kTokens;
+  float q[kMaxDecodeGroup * kMaxDim];
+  float k[kTile][kMaxDim + 1];
+  float v[kTile][kMaxDim + 1];
+  bool valid[kTile];
+};
+
+/// The whole block: the partial of the tokens in `ranges` of sequence b (cache id seq, length
+/// len), KV head h, on the CUDA cores, written as partial `part`. A token whose page is outside
+/// the pool is dropped and counted (by KV head 0).
 template <int kMaxDim, class T>
-KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
-    decode_partial_kernel(const T* __restrict__ q, QueryRows q_rows,  // (batch, q_heads, head_dim)
-                          PagedCache cache, SequenceTable seqs, float sm_scale, DecodePlan plan,
-                          float* __restrict__ workspace, unsigned long long* error_count) {
-  constexpr int kWarps = DecodePolicy::kWarps, kTile = DecodeTile<kMaxDim>::kTokens;
+__device__ void decode_block_scalar(ScalarDecodeSmem<kMaxDim>& sm, const T* __restrict__ q, const QueryRows& q_rows,
+                                    const PagedCache& cache, const SequenceTable& seqs, float sm_scale,
+                                    const DecodePlan& plan, float* __restrict__ workspace,
+                                    unsigned long long* error_count, std::int64_t b, std::int64_t h,
+                                    const DecodeSequence& sq, const TokenRange* ranges, int n_ranges,
+                                    std::int64_t part) {
+  constexpr int kWarps = DecodePolicy::kWarps, kTile = ScalarDecodeSmem<kMaxDim>::kTile;
   constexpr int kChannelsPerLane = DecodeTile<kMaxDim>::kChannelsPerLane;
-  const std::int64_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  if (b >= q_rows.batch) return;  // the grid covers max_batch
   const std::int64_t d = cache.head_dim, group = q_rows.q_heads / cache.kv_heads, ps = cache.page_size;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize, lane = static_cast<int>(threadIdx.x) % kWarpSize;
-
-  __shared__ float q_s[kMaxDecodeGroup * kMaxDim];  // the group's queries, * sm_scale * log2(e)
-  __shared__ float k_s[kTile][kMaxDim + 1];         // +1: lanes read different rows, same column
-  __shared__ float v_s[kTile][kMaxDim + 1];
-  __shared__ bool valid_s[kTile];
-
-  // The sequence: untrusted length and id (counted once, by chunk 0 of KV head 0); the chunk.
-  std::int64_t seq = seqs.seq_ids != nullptr ? seqs.seq_ids[b] : b, len = seqs.seq_lens[b];
-  const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
-  if (len < 0 || len > seqs.max_pages_per_seq * ps || len > plan.split_tokens * plan.splits ||
-      (by_page && (seq < 0 || seq >= cache.max_seqs))) {
-    if (error_count != nullptr && split == 0 && h == 0 && threadIdx.x == 0) atomicAdd(error_count, 1ull);
-    len = 0;
-  }
-  const std::int64_t begin = split * plan.split_tokens, end = min(len, begin + plan.split_tokens);
 
   const float q_scale = mul_rn(sm_scale, kLog2e);
   for (std::int64_t i = threadIdx.x; i < group * d; i += DecodePolicy::kThreads) {
     const std::int64_t qh = h * group + i / d;
-    q_s[i] = mul_rn(to_float(q[b * q_rows.batch_stride + qh * q_rows.head_stride + i % d]), q_scale);
+    sm.q[i] = mul_rn(to_float(q[b * q_rows.batch_stride + qh * q_rows.head_stride + i % d]), q_scale);
   }
 
   float m[DecodePolicy::kMaxHeadsPerWarp], l[DecodePolicy::kMaxHeadsPerWarp];
@@ -132,61 +167,64 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
     for (int c = 0; c < kChannelsPerLane; ++c) acc[j][c] = 0.0f;
   }
 
-  for (std::int64_t t0 = begin; t0 < end; t0 += kTile) {
-    __syncthreads();  // the previous tile is consumed (and q_s written, the first time)
-    if (threadIdx.x < kTile) {
-      const std::int64_t t = t0 + threadIdx.x;
-      bool ok = t < end;
-      if (ok) {
-        const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / ps];
-        ok = page >= 0 && page < cache.num_pages;
-        if (!ok && error_count != nullptr && h == 0) atomicAdd(error_count, 1ull);  // counted once per token
+  for (int range = 0; range < n_ranges; ++range) {
+    const std::int64_t end = ranges[range].end;
+    for (std::int64_t t0 = ranges[range].begin; t0 < end; t0 += kTile) {
+      __syncthreads();  // the previous tile is consumed (and q written, the first time)
+      if (threadIdx.x < kTile) {
+        const std::int64_t t = t0 + threadIdx.x;
+        bool ok = t < end;
+        if (ok) {
+          const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / ps];
+          ok = page >= 0 && page < cache.num_pages;
+          if (!ok && error_count != nullptr && h == 0) atomicAdd(error_count, 1ull);  // counted once per token
+        }
+        sm.valid[threadIdx.x] = ok;
       }
-      valid_s[threadIdx.x] = ok;
-    }
-    __syncthreads();
-    for (std::int64_t i = threadIdx.x; i < kTile * d; i += DecodePolicy::kThreads) {
-      const int r = static_cast<int>(i / d);
-      const std::int64_t ch = i % d, t = t0 + r;
-      float kv = 0.0f, vv = 0.0f;
-      if (valid_s[r]) {
-        const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / ps];
-        kv = paged_token_value(cache, seq, len, t, page, h, false, ch);
-        vv = paged_token_value(cache, seq, len, t, page, h, true, ch);
+      __syncthreads();
+      for (std::int64_t i = threadIdx.x; i < kTile * d; i += DecodePolicy::kThreads) {
+        const int r = static_cast<int>(i / d);
+        const std::int64_t ch = i % d, t = t0 + r;
+        float kv = 0.0f, vv = 0.0f;
+        if (sm.valid[r]) {
+          const std::int64_t page = seqs.block_table[b * seqs.max_pages_per_seq + t / ps];
+          kv = paged_token_value(cache, sq.seq, sq.len, t, page, h, false, ch);
+          vv = paged_token_value(cache, sq.seq, sq.len, t, page, h, true, ch);
+        }
+        sm.k[r][ch] = kv;
+        sm.v[r][ch] = vv;
       }
-      k_s[r][ch] = kv;
-      v_s[r][ch] = vv;
-    }
-    __syncthreads();
+      __syncthreads();
 #pragma unroll
-    for (int j = 0; j < DecodePolicy::kMaxHeadsPerWarp; ++j) {
-      const std::int64_t gi = warp + j * kWarps;  // this warp's j-th head of the group
-      if (gi >= group) break;
-      // Lane r scores token r of the tile (base 2, scaled).
-      float s = kNegInf;
-      if (lane < kTile && valid_s[lane]) {
-        float dot = 0.0f;
-        for (std::int64_t ch = 0; ch < d; ++ch) dot = fma_rn(q_s[gi * d + ch], k_s[lane][ch], dot);
-        s = dot;
-      }
-      float tile_max = s;
-      for (int off = 16; off > 0; off >>= 1) tile_max = max_rn(tile_max, __shfl_xor_sync(kFullMask, tile_max, off));
-      const float m_new = max_rn(m[j], tile_max);
-      if (is_neg_inf(m_new)) continue;  // no valid token yet
-      const float alpha = ex2_approx(sub_rn(m[j], m_new));  // 0 when m was -inf
-      const float p = is_neg_inf(s) ? 0.0f : ex2_approx(sub_rn(s, m_new));
-      float p_sum = p;
-      for (int off = 16; off > 0; off >>= 1) p_sum = add_rn(p_sum, __shfl_xor_sync(kFullMask, p_sum, off));
-      l[j] = fma_rn(l[j], alpha, p_sum);
-      m[j] = m_new;
+      for (int j = 0; j < DecodePolicy::kMaxHeadsPerWarp; ++j) {
+        const std::int64_t gi = warp + j * kWarps;  // this warp's j-th head of the group
+        if (gi >= group) break;
+        // Lane r scores token r of the tile (base 2, scaled).
+        float s = kNegInf;
+        if (lane < kTile && sm.valid[lane]) {
+          float dot = 0.0f;
+          for (std::int64_t ch = 0; ch < d; ++ch) dot = fma_rn(sm.q[gi * d + ch], sm.k[lane][ch], dot);
+          s = dot;
+        }
+        float tile_max = s;
+        for (int off = 16; off > 0; off >>= 1) tile_max = max_rn(tile_max, __shfl_xor_sync(kFullMask, tile_max, off));
+        const float m_new = max_rn(m[j], tile_max);
+        if (is_neg_inf(m_new)) continue;  // no valid token yet
+        const float alpha = ex2_approx(sub_rn(m[j], m_new));  // 0 when m was -inf
+        const float p = is_neg_inf(s) ? 0.0f : ex2_approx(sub_rn(s, m_new));
+        float p_sum = p;
+        for (int off = 16; off > 0; off >>= 1) p_sum = add_rn(p_sum, __shfl_xor_sync(kFullMask, p_sum, off));
+        l[j] = fma_rn(l[j], alpha, p_sum);
+        m[j] = m_new;
 #pragma unroll
-      for (int c = 0; c < kChannelsPerLane; ++c) acc[j][c] = mul_rn(acc[j][c], alpha);
-      for (int r = 0; r < kTile; ++r) {
-        const float pr = __shfl_sync(kFullMask, p, r);
+        for (int c = 0; c < kChannelsPerLane; ++c) acc[j][c] = mul_rn(acc[j][c], alpha);
+        for (int r = 0; r < kTile; ++r) {
+          const float pr = __shfl_sync(kFullMask, p, r);
 #pragma unroll
-        for (int c = 0; c < kChannelsPerLane; ++c) {
-          const std::int64_t ch = lane + c * kWarpSize;
-          if (ch < d) acc[j][c] = fma_rn(pr, v_s[r][ch], acc[j][c]);
+          for (int c = 0; c < kChannelsPerLane; ++c) {
+            const std::int64_t ch = lane + c * kWarpSize;
+            if (ch < d) acc[j][c] = fma_rn(pr, sm.v[r][ch], acc[j][c]);
+          }
         }
       }
     }
@@ -196,7 +234,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
   for (int j = 0; j < DecodePolicy::kMaxHeadsPerWarp; ++j) {
     const std::int64_t gi = warp + j * kWarps;
     if (gi >= group) break;
-    float* out = workspace + decode_partial_offset(plan, b, h * group + gi, split);
+    float* out = workspace + decode_partial_offset(plan, b, h * group + gi, part);
 #pragma unroll
     for (int c = 0; c < kChannelsPerLane; ++c) {
       const std::int64_t ch = lane + c * kWarpSize;
@@ -209,10 +247,433 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
   }
 }
 
-/// One warp per (sequence, query head): the chunks merged in order, normalized, rounded to T.
+/// The CUDA-core partial kernel: one block per (chunk, KV head, sequence), 4 warps.
+template <int kMaxDim, class T>
+KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
+    decode_partial_kernel(const T* __restrict__ q, QueryRows q_rows,  // (batch, q_heads, head_dim)
+                          PagedCache cache, SequenceTable seqs, float sm_scale, DecodePlan plan,
+                          float* __restrict__ workspace, unsigned long long* error_count) {
+  __shared__ ScalarDecodeSmem<kMaxDim> sm;
+  const std::int64_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  if (b >= q_rows.batch) return;  // the grid covers max_batch
+  const DecodeSequence sq(cache, seqs, plan, b, split == 0 && h == 0 && threadIdx.x == 0, error_count);
+  const TokenRange range{split * plan.split_tokens, min(sq.len, (split + 1) * plan.split_tokens)};
+  decode_block_scalar<kMaxDim>(sm, q, q_rows, cache, seqs, sm_scale, plan, workspace, error_count, b, h, sq, &range, 1,
+                               split);
+}
+
+// --- the tensor-core partial kernel ----------------------------------------------------------------
+//
+// Fragments of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 r + j
+// holds A (16 x 16) rows r and r + 8, columns 2j, 2j + 1, 2j + 8, 2j + 9; B (16 x 8) rows 2j,
+// 2j + 1, 2j + 8, 2j + 9 of column r; C (16 x 8) rows r and r + 8, columns 2j, 2j + 1. The rows of
+// A and C are the group's query heads (r + 8 only when the group is over 8). The sums over k are
+// free to visit channels and tokens in any order, so each lane's operands come from contiguous
+// bytes of the pool:
+//   S = Q K^T, per 8-token half tile: B = K^T. Lane (r, j) reads token r's key bytes
+//     [j D/4, (j + 1) D/4); word s of them (channels j D/4 + 4s ...) is k-step s's rows 2j, 2j + 1
+//     (its first two codes) and 2j + 8, 2j + 9 (the last two). A = Q takes the same channels.
+//   O += P V, per 8 channels: B = V, K = the tile's 16 tokens. Lane (r, j) reads tokens 2j, 2j + 1,
+//     2j + 8, 2j + 9 (the columns of S it holds, so P needs no shuffle), value bytes
+//     [r D/8, (r + 1) D/8); byte n of them is n-tile n's column r. Output column c of n-tile n is
+//     then channel c D/8 + n.
+
+struct DecodeMmaPolicy {
+  static constexpr int kWarps = DecodePolicy::kWarps;
+  static constexpr int kTileTokens = 16;
+  static constexpr int kBlockTokens = 64;  // a warp's run of tiles (kDecodeSplitAlign)
+  /// 12 warps an SM (at most 168 registers a thread); 8 for head dim 256, whose tile and output
+  /// take twice the registers.
+  static constexpr int min_blocks_per_sm(int k_steps) { return k_steps > 8 ? 2 : 3; }
+};
+
+/// d = a b + c on the tensor cores: fp16 a (16 x 16) and b (16 x 8), fp32 c and d (16 x 8).
+__device__ inline void mma_f16(float (&d)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2],
+                               const float (&c)[4]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+        "f"(c[3]));
+}
+
+/// fp16x2 of (lo, hi), rounded to nearest: lo in the low half.
+__device__ inline std::uint32_t pack_half2(float lo, float hi) {
+  std::uint32_t d;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+__device__ inline float half_bits_to_float(std::uint32_t h16) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(static_cast<unsigned short>(h16)));
+  return f;
+}
+
+/// x0 and x1 as two fp16 terms each: hi = fp16(x), lo = fp16(x - hi), packed in pairs.
+__device__ inline void split_half2(float x0, float x1, std::uint32_t& hi, std::uint32_t& lo) {
+  hi = pack_half2(x0, x1);
+  lo = pack_half2(sub_rn(x0, half_bits_to_float(hi & 0xffffu)), sub_rn(x1, half_bits_to_float(hi >> 16)));
+}
+
+/// Codes 0, 1 and 2, 3 of a word as two fp16x2, exactly: fp16 0x64XX is 1024 + XX, XX = code + 128.
+__device__ inline void codes_to_half2(std::uint32_t w, std::uint32_t& c01, std::uint32_t& c23) {
+  constexpr std::uint32_t kBias = 0x80808080u, kExponent = 0x64646464u, k1152 = 0x64806480u;
+  w ^= kBias;
+  const std::uint32_t a = __byte_perm(w, kExponent, 0x4140), b = __byte_perm(w, kExponent, 0x4342);
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(c01) : "r"(a), "r"(k1152));
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(c23) : "r"(b), "r"(k1152));
+}
+
+/// 2^e for e in [-126, 127].
+__device__ inline float exp2_int(int e) { return __uint_as_float(static_cast<std::uint32_t>(e + 127) << 23); }
+
+/// One tile's operands for one lane, loaded ahead of its arithmetic.
+template <int kDim>
+struct DecodeTileData {
+  static constexpr int kKeyWords = kDim / 16, kValueWords = kDim / 32;
+  std::uint32_t k[2][kKeyWords];   // tokens r, 8 + r
+  std::uint32_t v[4][kValueWords];  // tokens 2j, 2j + 1, 2j + 8, 2j + 9 (the lane's score columns)
+  float k_scale[4], v_scale[4];     // theirs (k_scale: kPerTokenHead); v_scale 0 where not valid
+  __device__ bool valid(int i) const { return v_scale[i] != 0.0f; }  // a sanitized scale is positive
+  std::int64_t page;  // the tile's page where page_size % 16 == 0 (kKeysPerChannelPage needs it)
+};
+
+template <int kSteps, bool kFullM, class T>
+KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_blocks_per_sm(kSteps))
+    decode_mma_kernel(const T* __restrict__ q, QueryRows q_rows,  // (batch, q_heads, head_dim)
+                      PagedCache cache, SequenceTable seqs, float sm_scale, DecodePlan plan,
+                      float* __restrict__ workspace, unsigned long long* error_count) {
+  constexpr int D = 16 * kSteps, kRows = kFullM ? 16 : 8, kM = kFullM ? 2 : 1, kNTiles = D / 8;
+  constexpr int kWarps = DecodeMmaPolicy::kWarps, kTile = DecodeMmaPolicy::kTileTokens;
+  constexpr int kBlock = DecodeMmaPolicy::kBlockTokens;
+  constexpr bool kPrefetch = kSteps <= 8 && !kFullM;  // registers for a second tile
+  using Tile = DecodeTileData<D>;
+  union Smem {
+    ScalarDecodeSmem<D> scalar;  // the full-precision block
+    struct {
+      float q[kRows][D];  // the group's queries, as given
+      // Each lane's A fragments of Q per k-step: {hi cols 2j.., hi cols 2j+8.., lo .., lo ..} of
+      // row r + 8m. A lane reads only what it wrote.
+      uint4 frag[kWarps][kSteps][kM][kWarpSize];
+    } query;
+    struct {
+      float acc[kWarps][kRows][D];
+      float m[kWarps][kRows], l[kWarps][kRows];
+    } merge;
+  };
+  __shared__ Smem sm;
+
+  const std::int64_t h = blockIdx.y, b = blockIdx.z;
+  if (b >= q_rows.batch) return;  // the grid covers max_batch
+  const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
+  const std::int64_t ps = cache.page_size, group = q_rows.q_heads / cache.kv_heads;
+  const DecodeSequence sq(cache, seqs, plan, b, blockIdx.x == 0 && h == 0 && threadIdx.x == 0, error_count);
+  if (blockIdx.x == plan.splits) {  // kKeysPerChannelPage: the sinks and the open page, in full precision
+    const std::int64_t open = max(sq.len / ps * ps, min(cache.sink_tokens, sq.len));
+    const TokenRange ranges[2] = {{0, min(cache.sink_tokens, sq.len)}, {open, sq.len}};
+    decode_block_scalar<D>(sm.scalar, q, q_rows, cache, seqs, sm_scale, plan, workspace, error_count, b, h, sq, ranges,
+                           2, plan.splits);
+    return;
+  }
+
+  // The chunk's quantized tokens: [lo_t, hi_t) (the others are the full-precision block's).
+  const std::int64_t begin = blockIdx.x * plan.split_tokens;
+  std::int64_t lo_t = begin, hi_t = min(sq.len, begin + plan.split_tokens);
+  if (by_page) {
+    lo_t = max(lo_t, cache.sink_tokens);
+    hi_t = min(hi_t, sq.len / ps * ps);
+  }
+  for (int i = threadIdx.x; i < kRows * D; i += DecodePolicy::kThreads) {
+    const int row = i / D;
+    sm.query.q[row][i % D] =
+        row < group ? to_float(q[b * q_rows.batch_stride + (h * group + row) * q_rows.head_stride + i % D]) : 0.0f;
+  }
+  __syncthreads();
+
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize, lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int r = lane >> 2, j = lane & 3;
+  const std::int32_t* table = seqs.block_table + b * seqs.max_pages_per_seq;
+  const bool page_tiles = ps % kTile == 0;  // every tile within one page
+  const float base_scale = mul_rn(sm_scale, kLog2e);
+
+  // Q (times the page's key scales under kKeysPerChannelPage) as hi + lo fp16 A fragments in
+  // sm.query.frag, scaled by a power of two that keeps them in fp16's range; `score_scale` undoes it.
+  uint4 (&frag)[kSteps][kM][kWarpSize] = sm.query.frag[warp];
+  bool q_has_lo = false;
+  float score_scale = base_scale;
+  auto make_q = [&](const float* key_scales) {  // (head_dim) of this KV head, or null
+    auto q_at = [&](int m, int c) {
+      const float x = sm.query.q[r + 8 * m][c];
+      return key_scales != nullptr ? mul_rn(x, sanitize_scale(key_scales[c])) : x;
+    };
+    std::uint32_t amax = 0;
+#pragma unroll
+    for (int m = 0; m < kM; ++m)
+#pragma unroll
+      for (int c = 0; c < D / 4; ++c) amax = max(amax, float_bits(q_at(m, j * (D / 4) + c)) & kAbsMask);
+    amax = __reduce_max_sync(kFullMask, amax);
+    // |x| < 2^(e - 126) for biased exponent e: times 2^(141 - e) it is below 2^15.
+    const int e = min(max(static_cast<int>(amax >> 23), 15), 253), shift = 141 - e;
+    const float up = exp2_int(shift);
+    score_scale = mul_rn(base_scale, exp2_int(-shift));
+    bool lo_nonzero = false;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        const int c = j * (D / 4) + 4 * s;
+        uint4 f;
+        split_half2(mul_rn(q_at(m, c), up), mul_rn(q_at(m, c + 1), up), f.x, f.z);
+        split_half2(mul_rn(q_at(m, c + 2), up), mul_rn(q_at(m, c + 3), up), f.y, f.w);
+        lo_nonzero |= ((f.z | f.w) & 0x7fff7fffu) != 0;
+        frag[s][m][lane] = f;
+      }
+    q_has_lo = __any_sync(kFullMask, lo_nonzero);
+  };
+  std::int64_t q_page = -1;
+  if (by_page) {  // until the first page in the pool: masked tiles multiply zeros
+#pragma unroll
+    for (int st = 0; st < kSteps; ++st)
+#pragma unroll
+      for (int m = 0; m < kM; ++m) frag[st][m][lane] = make_uint4(0u, 0u, 0u, 0u);
+  } else {
+    make_q(nullptr);
+  }
+
+  float m_run[kM], l_run[kM], acc[kNTiles][kM][2];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    m_run[m] = kNegInf;
+    l_run[m] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) acc[n][m][0] = acc[n][m][1] = 0.0f;
+  }
+
+  auto load_tile = [&](std::int64_t t0) {
+    Tile td;
+    const std::int64_t kt[2] = {t0 + r, t0 + 8 + r};
+    const std::int64_t vt[4] = {t0 + 2 * j, t0 + 2 * j + 1, t0 + 2 * j + 8, t0 + 2 * j + 9};
+    td.page = page_tiles ? table[t0 / ps] : -1;
+    auto page_of = [&](std::int64_t t) { return page_tiles ? td.page : static_cast<std::int64_t>(table[t / ps]); };
+    auto in_pool = [&](std::int64_t p) { return p >= 0 && p < cache.num_pages; };
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const std::int64_t t = kt[i];
+      std::int64_t page = -1;
+      if (t >= lo_t && t < hi_t) page = page_of(t);
+      const PageStrides& st = cache.k_strides;
+      if (in_pool(page)) {
+        const std::int8_t* p = cache.k_codes + page * st.page_stride + (t % ps) * st.token_stride + h * st.head_stride +
+                               j * (D / 4);
+#pragma unroll
+        for (int w = 0; w < Tile::kKeyWords; w += 2) {
+          const uint2 x = *reinterpret_cast<const uint2*>(p + 4 * w);
+          td.k[i][w] = x.x;
+          td.k[i][w + 1] = x.y;
+        }
+      } else {
+#pragma unroll
+        for (int w = 0; w < Tile::kKeyWords; ++w) td.k[i][w] = 0;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const std::int64_t t = vt[i];
+      const bool in_range = t >= lo_t && t < hi_t;
+      std::int64_t page = -1;
+      if (in_range) page = page_of(t);
+      const bool valid = in_pool(page);
+      if (in_range && !valid && r == 0 && h == 0 && error_count != nullptr) atomicAdd(error_count, 1ull);
+      td.k_scale[i] = td.v_scale[i] = 0.0f;
+      const PageStrides& st = cache.v_strides;
+      if (valid) {
+        const std::int64_t slot = page * ps + t % ps;
+        const std::int8_t* p = cache.v_codes + page * st.page_stride + (t % ps) * st.token_stride + h * st.head_stride +
+                               r * (D / 8);
+#pragma unroll
+        for (int w = 0; w < Tile::kValueWords; w += 2) {
+          const uint2 x = *reinterpret_cast<const uint2*>(p + 4 * w);
+          td.v[i][w] = x.x;
+          td.v[i][w + 1] = x.y;
+        }
+        td.v_scale[i] = sanitize_scale(cache.v_scales[cache.scale_offset(slot, h)]);
+        if (!by_page) td.k_scale[i] = sanitize_scale(cache.k_scales[cache.scale_offset(slot, h)]);
+      } else {
+#pragma unroll
+        for (int w = 0; w < Tile::kValueWords; ++w) td.v[i][w] = 0;
+      }
+    }
+    return td;
+  };
+
+  auto compute_tile = [&](const Tile& td) {
+    if (by_page && td.page != q_page && td.page >= 0 && td.page < cache.num_pages) {
+      make_q(cache.k_scales + cache.channel_scale_offset(td.page, h, 0));
+      q_page = td.page;
+    }
+    // S for the lane's columns: [m][i], i the tile token 2j, 2j + 1, 2j + 8, 2j + 9.
+    float s[kM][4], c[2][4] = {};
+#pragma unroll
+    for (int st = 0; st < kSteps; ++st) {
+      const uint4 f0 = frag[st][0][lane], f1 = kFullM ? frag[st][kM - 1][lane] : make_uint4(0u, 0u, 0u, 0u);
+      const std::uint32_t a_hi[4] = {f0.x, f1.x, f0.y, f1.y}, a_lo[4] = {f0.z, f1.z, f0.w, f1.w};
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        std::uint32_t bk[2];
+        codes_to_half2(td.k[half][st], bk[0], bk[1]);
+        mma_f16(c[half], a_hi, bk, c[half]);
+        if (q_has_lo) mma_f16(c[half], a_lo, bk, c[half]);
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int m = 0; m < kM; ++m)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = 2 * half + e;
+          const float scale = by_page ? score_scale : mul_rn(score_scale, td.k_scale[i]);
+          s[m][i] = td.valid(i) ? mul_rn(c[half][2 * m + e], scale) : kNegInf;
+        }
+    }
+    // The online softmax, per query head (row); a row's 16 columns are held by its 4 lanes.
+    float alpha[kM], p[kM][4];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      float tile_max = max_rn(max_rn(s[m][0], s[m][1]), max_rn(s[m][2], s[m][3]));
+      tile_max = max_rn(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
+      tile_max = max_rn(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
+      const float m_new = max_rn(m_run[m], tile_max);
+      const bool none = is_neg_inf(m_new);  // no valid token yet
+      alpha[m] = none ? 1.0f : ex2_approx(sub_rn(m_run[m], m_new));
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        p[m][i] = none || is_neg_inf(s[m][i]) ? 0.0f : ex2_approx(sub_rn(s[m][i], m_new));
+        sum = add_rn(sum, p[m][i]);
+      }
+      l_run[m] = fma_rn(l_run[m], alpha[m], sum);
+      m_run[m] = m_new;
+    }
+    // P times the values' scales, over a power of two that keeps it below 2 (the tile's largest
+    // scale's exponent, restored after the MMA), as hi + lo A fragments.
+    std::uint32_t vmax = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) vmax = max(vmax, float_bits(td.v_scale[i]));
+    const int ve = min(static_cast<int>(__reduce_max_sync(kFullMask, vmax) >> 23), 253);
+    const float down = ve == 0 ? 1.0f : exp2_int(127 - ve), up = ve == 0 ? 1.0f : exp2_int(ve - 127);
+    std::uint32_t p_hi[4], p_lo[4];
+#pragma unroll
+    for (int kh = 0; kh < 2; ++kh)
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        if (m < kM) {
+          const float x0 = mul_rn(mul_rn(p[m][2 * kh], td.v_scale[2 * kh]), down);
+          const float x1 = mul_rn(mul_rn(p[m][2 * kh + 1], td.v_scale[2 * kh + 1]), down);
+          split_half2(x0, x1, p_hi[2 * kh + m], p_lo[2 * kh + m]);
+        } else {
+          p_hi[2 * kh + m] = p_lo[2 * kh + m] = 0u;
+        }
+      }
+    // O = O alpha + (P V) up, 8 channels per MMA.
+#pragma unroll
+    for (int w = 0; w < Tile::kValueWords; ++w) {
+      std::uint32_t bv[4][2];  // n-tiles 4w .. 4w + 3: (rows 2j, 2j + 1), (rows 2j + 8, 2j + 9)
+#pragma unroll
+      for (int pair = 0; pair < 2; ++pair) {
+        const std::uint32_t x = __byte_perm(td.v[2 * pair][w], td.v[2 * pair + 1][w], 0x5140);
+        const std::uint32_t y = __byte_perm(td.v[2 * pair][w], td.v[2 * pair + 1][w], 0x7362);
+        codes_to_half2(x, bv[0][pair], bv[1][pair]);
+        codes_to_half2(y, bv[2][pair], bv[3][pair]);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = 4 * w + i;
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma_f16(c, p_hi, bv[i], c);
+        mma_f16(c, p_lo, bv[i], c);
+#pragma unroll
+        for (int m = 0; m < kM; ++m)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) acc[n][m][e] = fma_rn(c[2 * m + e], up, mul_rn(acc[n][m][e], alpha[m]));
+      }
+    }
+  };
+
+  // This warp's tiles: blocks of kBlock tokens of the chunk, every kWarps-th, from lo_t on.
+  auto next_tile = [&](std::int64_t t) {
+    t += kTile;
+    if ((t - begin) % kBlock == 0) t += (kWarps - 1) * kBlock;
+    return t;
+  };
+  std::int64_t t = begin + warp * kBlock;
+  while (t + kTile <= lo_t) t = next_tile(t);
+  if (t < hi_t) {
+    Tile cur = load_tile(t);
+    while (true) {
+      const std::int64_t tn = next_tile(t);
+      if constexpr (kPrefetch) {
+        Tile nxt;
+        if (tn < hi_t) nxt = load_tile(tn);
+        compute_tile(cur);
+        if (tn >= hi_t) break;
+        cur = nxt;
+      } else {
+        compute_tile(cur);
+        if (tn >= hi_t) break;
+        cur = load_tile(tn);
+      }
+      t = tn;
+    }
+  }
+
+  // The block's four warps merged (in order) into the chunk's partial.
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    l_run[m] = add_rn(l_run[m], __shfl_xor_sync(kFullMask, l_run[m], 1));
+    l_run[m] = add_rn(l_run[m], __shfl_xor_sync(kFullMask, l_run[m], 2));
+  }
+  __syncthreads();  // every warp is done with sm.query
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    const int row = r + 8 * m;
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) sm.merge.acc[warp][row][(2 * j + e) * (D / 8) + n] = acc[n][m][e];
+    if (j == 0) {
+      sm.merge.m[warp][row] = m_run[m];
+      sm.merge.l[warp][row] = l_run[m];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < group * D; i += DecodePolicy::kThreads) {
+    const int row = i / D, ch = i % D;
+    float m_all = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m_all = max_rn(m_all, sm.merge.m[w][row]);
+    float a = 0.0f, l = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+      if (!is_neg_inf(sm.merge.m[w][row])) {
+        const float f = ex2_approx(sub_rn(sm.merge.m[w][row], m_all));
+        a = fma_rn(sm.merge.acc[w][row][ch], f, a);
+        l = fma_rn(sm.merge.l[w][row], f, l);
+      }
+    float* out = workspace + decode_partial_offset(plan, b, h * group + row, blockIdx.x);
+    out[ch] = a;
+    if (ch == 0) {
+      out[D] = m_all;
+      out[D + 1] = l;
+    }
+  }
+}
+
+/// One warp per (sequence, query head): the first `parts` partials merged in order, normalized,
+/// rounded to T.
 template <class T>
 KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
-    decode_merge_kernel(const float* __restrict__ workspace, DecodePlan plan, QueryRows out_rows,
+    decode_merge_kernel(const float* __restrict__ workspace, DecodePlan plan, std::int64_t parts, QueryRows out_rows,
                         T* __restrict__ out,  // (batch, q_heads, head_dim)
                         float* __restrict__ lse) {  // (batch, q_heads) or null
   const std::int64_t item = (static_cast<std::int64_t>(blockIdx.x) * DecodePolicy::kThreads + threadIdx.x) / kWarpSize;
@@ -220,16 +681,16 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
   if (item >= out_rows.batch * out_rows.q_heads) return;
   const std::int64_t b = item / out_rows.q_heads, qh = item % out_rows.q_heads, d = plan.limits.head_dim;
   float m = kNegInf;
-  for (std::int64_t s = 0; s < plan.splits; ++s) m = max_rn(m, workspace[decode_partial_offset(plan, b, qh, s) + d]);
+  for (std::int64_t s = 0; s < parts; ++s) m = max_rn(m, workspace[decode_partial_offset(plan, b, qh, s) + d]);
   float l = 0.0f;
-  for (std::int64_t s = 0; s < plan.splits; ++s) {
+  for (std::int64_t s = 0; s < parts; ++s) {
     const float* part = workspace + decode_partial_offset(plan, b, qh, s);
     if (!is_neg_inf(part[d])) l = fma_rn(part[d + 1], ex2_approx(sub_rn(part[d], m)), l);
   }
   T* o = out + b * out_rows.batch_stride + qh * out_rows.head_stride;
   for (std::int64_t ch = lane; ch < d; ch += kWarpSize) {
     float a = 0.0f;
-    for (std::int64_t s = 0; s < plan.splits; ++s) {
+    for (std::int64_t s = 0; s < parts; ++s) {
       const float* part = workspace + decode_partial_offset(plan, b, qh, s);
       if (!is_neg_inf(part[d])) a = fma_rn(part[ch], ex2_approx(sub_rn(part[d], m)), a);
     }
@@ -238,24 +699,61 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
   if (lse != nullptr && lane == 0) lse[b * out_rows.q_heads + qh] = is_positive(l) ? mul_rn(add_rn(m, lg2_approx(l)), kLn2) : kNegInf;
 }
 
+/// Whether decode_mma_kernel runs this call: fp16 / bf16, head dim 64, 128 or 256 (128 at most
+/// for groups over 8, whose twice as many rows need twice the registers), code pools at 8-byte
+/// aligned rows, and under kKeysPerChannelPage pages of a multiple of 16 tokens (a tile's keys
+/// under one page's scales).
+template <class T>
+inline bool decode_takes_mma(const PagedCache& c, std::int64_t group, const DecodePlan& plan) {
+  if constexpr (sizeof(T) != 2) {
+    return false;
+  } else {
+    auto aligned = [](const void* p, const PageStrides& s) {
+      return is_aligned(p, 8) && s.page_stride % 8 == 0 && s.token_stride % 8 == 0 && s.head_stride % 8 == 0;
+    };
+    const std::int64_t d = c.head_dim;
+    return (d == 64 || d == 128 || d == 256) && (group <= 8 || d <= 128) && aligned(c.k_codes, c.k_strides) &&
+           aligned(c.v_codes, c.v_strides) && plan.split_tokens % DecodeMmaPolicy::kBlockTokens == 0 &&
+           (c.scheme != PagedScheme::kKeysPerChannelPage || c.page_size % DecodeMmaPolicy::kTileTokens == 0);
+  }
+}
+
 template <class T>
 cudaError_t launch_decode_attention(const T* q, const QueryRows& q_rows, const PagedCache& cache,
                                     const SequenceTable& seqs, float sm_scale, T* out, const QueryRows& out_rows,
                                     float* lse, const DecodePlan& plan, void* workspace,
                                     unsigned long long* error_count, cudaStream_t stream) {
   float* ws = static_cast<float*>(workspace);
-  const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(cache.kv_heads),
-                  static_cast<unsigned>(plan.limits.max_batch));
-  if (cache.head_dim <= 128)
-    decode_partial_kernel<128, T><<<grid, DecodePolicy::kThreads, 0, stream>>>(q, q_rows, cache, seqs, sm_scale, plan,
-                                                                              ws, error_count);
-  else
-    decode_partial_kernel<256, T><<<grid, DecodePolicy::kThreads, 0, stream>>>(q, q_rows, cache, seqs, sm_scale, plan,
-                                                                              ws, error_count);
+  const std::int64_t group = q_rows.q_heads / cache.kv_heads;
+  const bool mma = decode_takes_mma<T>(cache, group, plan);
+  const bool full_precision_block = mma && cache.scheme == PagedScheme::kKeysPerChannelPage;
+  const dim3 grid(static_cast<unsigned>(plan.splits + (full_precision_block ? 1 : 0)),
+                  static_cast<unsigned>(cache.kv_heads), static_cast<unsigned>(plan.limits.max_batch));
+  const auto args = [&](auto kernel) {
+    kernel<<<grid, DecodePolicy::kThreads, 0, stream>>>(q, q_rows, cache, seqs, sm_scale, plan, ws, error_count);
+  };
+  if constexpr (sizeof(T) == 2) {
+    if (mma) {
+      const std::int64_t d = cache.head_dim;
+      if (d == 64)
+        group <= 8 ? args(decode_mma_kernel<4, false, T>) : args(decode_mma_kernel<4, true, T>);
+      else if (d == 128)
+        group <= 8 ? args(decode_mma_kernel<8, false, T>) : args(decode_mma_kernel<8, true, T>);
+      else
+        args(decode_mma_kernel<16, false, T>);
+    }
+  }
+  if (!mma) {
+    if (cache.head_dim <= 128)
+      args(decode_partial_kernel<128, T>);
+    else
+      args(decode_partial_kernel<256, T>);
+  }
   KVQ_TRY(check_launch());
   const std::int64_t warps = plan.limits.max_batch * plan.limits.q_heads;
   const unsigned merge_blocks = static_cast<unsigned>((warps + DecodePolicy::kWarps - 1) / DecodePolicy::kWarps);
-  decode_merge_kernel<T><<<merge_blocks, DecodePolicy::kThreads, 0, stream>>>(ws, plan, out_rows, out, lse);
+  decode_merge_kernel<T><<<merge_blocks, DecodePolicy::kThreads, 0, stream>>>(
+      ws, plan, plan.splits + (full_precision_block ? 1 : 0), out_rows, out, lse);
   return check_launch();
 }
 

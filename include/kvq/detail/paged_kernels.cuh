@@ -15,6 +15,7 @@
 #include <kvq/version.hpp>
 
 #include <kvq/detail/config.cuh>
+#include <kvq/detail/vector_kernels.cuh>
 #include <kvq/device.cuh>
 #include <kvq/paged.hpp>
 
@@ -73,6 +74,95 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     const T* x = (is_v ? v_new : k_new) + t * rows.token_stride + h * rows.head_stride;
     device::quantize_row(g, x, cache.head_dim, codes, scale);
   }
+}
+
+/// append_kv_kernel for whole-vector rows (head_dim a multiple of V = 16 / sizeof(T), 16-byte
+/// aligned rows, codes aligned to V bytes): a group of kLanes lanes takes a (token, head) pair,
+/// K and V rows both, each lane holding kUnits 16-byte units of each in registers, so a row is
+/// read once and a lane keeps 2 * kUnits loads in flight. The codes and scale are those of
+/// row_scales_kernel (kvq::quantize per token), bit for bit.
+template <int kLanes, int kUnits, class T>
+KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
+    append_kv_rows_kernel(const T* k_new, const T* v_new,  // rows (tokens, kv_heads, head_dim)
+                          TokenRows rows,
+                          const std::int64_t* __restrict__ slot_mapping,  // (tokens)
+                          PagedCache cache,
+                          unsigned long long* error_count) {  // optional
+  constexpr int V = 16 / sizeof(T);
+  const auto g = device::RowLanes<kLanes>::this_thread();
+  const std::int64_t groups_per_block = PagedPolicy::kThreads / kLanes;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * groups_per_block;
+  const std::int64_t n = rows.tokens * cache.kv_heads;
+  const int units = static_cast<int>(cache.head_dim / V);
+  for (std::int64_t i = blockIdx.x * groups_per_block + threadIdx.x / kLanes; i < n; i += stride) {
+    const std::int64_t t = i / cache.kv_heads, h = i % cache.kv_heads;
+    const std::int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;  // padding
+    if (slot >= cache.slots()) {  // untrusted: skipped, counted once per token
+      if (error_count != nullptr && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
+      continue;
+    }
+    const T* x[2] = {k_new + t * rows.token_stride + h * rows.head_stride,
+                     v_new + t * rows.token_stride + h * rows.head_stride};
+    device::Bits<V, T> held[2][kUnits];
+#pragma unroll
+    for (int kv = 0; kv < 2; ++kv)
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u)
+        if (g.lane + u * kLanes < units) held[kv][u] = device::load_bits<V>(x[kv] + (g.lane + u * kLanes) * V);
+    const std::int64_t page = slot / cache.page_size, offset = slot % cache.page_size;
+#pragma unroll
+    for (int kv = 0; kv < 2; ++kv) {
+      constexpr int kWords = V * sizeof(T) / 4;
+      std::uint32_t raw[kWords] = {};
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u)
+        if (g.lane + u * kLanes < units) device::raw_abs_max_into(raw, device::unpack<T, V>(held[kv][u]));
+      std::uint32_t m = device::raw_abs_fold<T>(raw);
+      unsigned long long bad = 0;
+      if (m < device::RawAbs<T>::kNonfinite) {
+        m = float_bits(device::RawAbs<T>::value(m));
+      } else {
+        m = 0;
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u)
+          if (g.lane + u * kLanes < units) m = max(m, device::amax_bits(device::unpack<T, V>(held[kv][u]), bad));
+      }
+      // The lean codes path is decided per lane, on its own values, as in row_scales_kernel.
+      m = device::warp_max_bits(m, g.mask);
+      const float amax = bits_to_float(m), scale = scale_from_amax(amax), inv = reciprocal(scale);
+      const PageStrides& s = kv ? cache.v_strides : cache.k_strides;
+      std::int8_t* dst = (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride +
+                         h * s.head_stride;
+      if (g.lane == 0) (kv ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)] = scale;
+      Fragment<float, V> sc, rs;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        sc[e] = scale;
+        rs[e] = inv;
+      }
+      with_codes_path<T>(bad == 0 && lean_codes_apply(amax), [&](auto lean) {
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u)
+          if (g.lane + u * kLanes < units)
+            device::store<V>(dst + (g.lane + u * kLanes) * V,
+                             codes<decltype(lean)::value>(device::unpack<T, V>(held[kv][u]), sc, rs));
+      });
+    }
+  }
+}
+
+/// Whether append_kv_rows_kernel takes these rows: whole 16-byte units at 16-byte aligned rows,
+/// codes at unit-aligned rows, and at most 32 units a row (head dims up to 256 for fp16 / bf16).
+template <class T>
+inline bool append_takes_rows(const T* k_new, const T* v_new, const TokenRows& rows, const PagedCache& c) {
+  constexpr std::int64_t V = 16 / sizeof(T);
+  auto codes_aligned = [](const std::int8_t* p, const PageStrides& s) {
+    return is_aligned(p, V) && s.page_stride % V == 0 && s.token_stride % V == 0 && s.head_stride % V == 0;
+  };
+  return c.head_dim % V == 0 && c.head_dim / V <= 32 && is_aligned(k_new, 16) && is_aligned(v_new, 16) &&
+         rows.token_stride % V == 0 && rows.head_stride % V == 0 && codes_aligned(c.k_codes, c.k_strides) &&
+         codes_aligned(c.v_codes, c.v_strides);
 }
 
 // --- kKeysPerChannelPage ------------------------------------------------------------------------
@@ -279,6 +369,29 @@ cudaError_t launch_by_lanes(std::int64_t rows, std::int64_t head_dim, Kernel ker
 template <class T>
 cudaError_t launch_append_kv(const T* k_new, const T* v_new, const TokenRows& rows, const std::int64_t* slot_mapping,
                              const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
+  if (append_takes_rows(k_new, v_new, rows, cache)) {
+    // A decode step (few rows): one unit a lane, the shallowest call. A prefill: four units a
+    // lane (fewer, wider lanes), enough bytes in flight to reach copy bandwidth.
+    constexpr std::int64_t V = 16 / sizeof(T), kWideRows = 132 * 256;
+    const std::int64_t units = cache.head_dim / V, pairs = rows.tokens * cache.kv_heads;
+    auto launch = [&](auto lanes, auto units_per_lane) {
+      constexpr int L = decltype(lanes)::value, U = decltype(units_per_lane)::value;
+      append_kv_rows_kernel<L, U, T><<<paged_grid(pairs, L), PagedPolicy::kThreads, 0, stream>>>(
+          k_new, v_new, rows, slot_mapping, cache, error_count);
+    };
+    using I1 = std::integral_constant<int, 1>;
+    using I4 = std::integral_constant<int, 4>;
+    if (pairs >= kWideRows && units > 4) {
+      if (units <= 8) launch(std::integral_constant<int, 2>{}, I4{});
+      else if (units <= 16) launch(std::integral_constant<int, 4>{}, I4{});
+      else launch(std::integral_constant<int, 8>{}, I4{});
+    } else {
+      if (units <= 8) launch(std::integral_constant<int, 8>{}, I1{});
+      else if (units <= 16) launch(std::integral_constant<int, 16>{}, I1{});
+      else launch(std::integral_constant<int, 32>{}, I1{});
+    }
+    return check_launch();
+  }
   return launch_by_lanes<T>(rows.tokens * cache.kv_heads * 2, cache.head_dim, [&](auto lanes, unsigned grid) {
     append_kv_kernel<decltype(lanes)::value, T><<<grid, PagedPolicy::kThreads, 0, stream>>>(
         k_new, v_new, rows, slot_mapping, cache, error_count);
