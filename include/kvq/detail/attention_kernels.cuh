@@ -32,6 +32,7 @@
 #include <kvq/attention.hpp>
 #include <kvq/detail/config.cuh>
 #include <kvq/detail/paged_kernels.cuh>
+#include <kvq/device.cuh>
 #include <kvq/numerics.hpp>
 #include <kvq/paged.hpp>
 
@@ -362,7 +363,9 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     } merge;
   };
   __shared__ Smem sm;
-
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // no mma.sync m16n8k16 before sm_80; decode_takes_mma never launches this there
+#else
   const std::int64_t h = blockIdx.y, b = blockIdx.z;
   if (b >= q_rows.batch) return;  // the grid covers max_batch
   const bool by_page = cache.scheme == PagedScheme::kKeysPerChannelPage;
@@ -411,7 +414,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     for (int m = 0; m < kM; ++m)
 #pragma unroll
       for (int c = 0; c < D / 4; ++c) amax = max(amax, float_bits(q_at(m, j * (D / 4) + c)) & kAbsMask);
-    amax = __reduce_max_sync(kFullMask, amax);
+    amax = device::warp_max_bits(amax);
     // |x| < 2^(e - 126) for biased exponent e: times 2^(141 - e) it is below 2^15.
     const int e = min(max(static_cast<int>(amax >> 23), 15), 253), shift = 141 - e;
     const float up = exp2_int(shift);
@@ -560,7 +563,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     std::uint32_t vmax = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) vmax = max(vmax, float_bits(td.v_scale[i]));
-    const int ve = min(static_cast<int>(__reduce_max_sync(kFullMask, vmax) >> 23), 253);
+    const int ve = min(static_cast<int>(device::warp_max_bits(vmax) >> 23), 253);
     const float down = ve == 0 ? 1.0f : exp2_int(127 - ve), up = ve == 0 ? 1.0f : exp2_int(ve - 127);
     std::uint32_t p_hi[4], p_lo[4];
 #pragma unroll
@@ -667,6 +670,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       out[D + 1] = l;
     }
   }
+#endif
 }
 
 /// One warp per (sequence, query head): the first `parts` partials merged in order, normalized,
@@ -699,15 +703,19 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
   if (lse != nullptr && lane == 0) lse[b * out_rows.q_heads + qh] = is_positive(l) ? mul_rn(add_rn(m, lg2_approx(l)), kLn2) : kNegInf;
 }
 
-/// Whether decode_mma_kernel runs this call: fp16 / bf16, head dim 64, 128 or 256 (128 at most
-/// for groups over 8, whose twice as many rows need twice the registers), code pools at 8-byte
-/// aligned rows, and under kKeysPerChannelPage pages of a multiple of 16 tokens (a tile's keys
-/// under one page's scales).
+/// Whether decode_mma_kernel runs this call: an sm_80 or later GPU, fp16 / bf16, head dim 64,
+/// 128 or 256 (128 at most for groups over 8, whose twice as many rows need twice the
+/// registers), code pools at 8-byte aligned rows, and under kKeysPerChannelPage pages of a
+/// multiple of 16 tokens (a tile's keys under one page's scales).
 template <class T>
 inline bool decode_takes_mma(const PagedCache& c, std::int64_t group, const DecodePlan& plan) {
   if constexpr (sizeof(T) != 2) {
     return false;
   } else {
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 8)
+      return false;
     auto aligned = [](const void* p, const PageStrides& s) {
       return is_aligned(p, 8) && s.page_stride % 8 == 0 && s.token_stride % 8 == 0 && s.head_stride % 8 == 0;
     };

@@ -184,38 +184,6 @@ __device__ inline bool paged_valid_token(const PagedCache& c, const std::int64_t
          pos % c.page_size == slot % c.page_size;
 }
 
-/// The run of token t (consecutive rows of one sequence at consecutive positions), found by
-/// exponential then binary search from t. Exact when the sequence's tokens are one run, as the
-/// API requires; otherwise some rows around t, always within [0, tokens).
-struct PagedRun {
-  std::int64_t first_row, first_pos, last_pos;
-};
-__device__ inline PagedRun paged_run(const PagedCache& c, const std::int64_t* slots, const TokenPositions& tp,
-                                     std::int64_t tokens, std::int64_t t) {
-  const std::int32_t seq = tp.seq_ids[t];
-  const std::int64_t pos = tp.positions[t];
-  auto member = [&](std::int64_t j) {
-    return j >= 0 && j < tokens && paged_valid_token(c, slots, tp, j) && tp.seq_ids[j] == seq &&
-           tp.positions[j] == pos + (j - t);
-  };
-  auto edge = [&](std::int64_t dir) {  // the last member from t in direction dir (+1 or -1)
-    std::int64_t in = t, step = 1;        // `in` is a member
-    while (member(in + dir * step)) {
-      in += dir * step;
-      step *= 2;
-    }
-    std::int64_t out = in + dir * step;  // not a member: the edge lies in [in, out)
-    while ((out - in) * dir > 1) {
-      const std::int64_t mid = in + (out - in) / 2;
-      if (member(mid)) in = mid;
-      else out = mid;
-    }
-    return in;
-  };
-  const std::int64_t first = edge(-1), last = edge(+1);
-  return PagedRun{first, pos - (t - first), pos + (last - t)};
-}
-
 template <int kLanes, class T>
 KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     append_kv_by_page_kernel(const T* k_new, const T* v_new,  // rows (tokens, kv_heads, head_dim)
@@ -223,11 +191,14 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
                              const std::int64_t* __restrict__ slot_mapping,  // (tokens)
                              TokenPositions tp,                              // (tokens) each
                              PagedCache cache,
+                             bool vectors,  // append_takes_rows, and k_open 16-byte aligned
                              unsigned long long* error_count) {  // optional
+  constexpr int V = 16 / sizeof(T);
   const auto g = device::RowLanes<kLanes>::this_thread();
   const std::int64_t groups_per_block = PagedPolicy::kThreads / kLanes;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * groups_per_block;
   const std::int64_t n = rows.tokens * cache.kv_heads * 2, ps = cache.page_size, d = cache.head_dim;
+  const int units = vectors ? static_cast<int>(d / V) : 0;
   T* const open = static_cast<T*>(cache.k_open);
   for (std::int64_t i = blockIdx.x * groups_per_block + threadIdx.x / kLanes; i < n; i += stride) {
     const bool is_v = i & 1;
@@ -250,36 +221,137 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
                            cache.v_scales + cache.scale_offset(slot, h));
       continue;
     }
-    const PagedRun run = paged_run(cache, slot_mapping, tp, rows.tokens, t);
-    const std::int64_t page_index = pos / ps, first_page = run.first_pos / ps, last_page = run.last_pos / ps;
-    const bool closes = page_index < last_page || (run.last_pos + 1) % ps == 0;
-    const bool straddle = first_page != last_page && run.first_pos % ps != 0 && (run.last_pos + 1) % ps != 0;
-    auto new_row = [&](std::int64_t q) {  // k_new's row of position q of the run, this head
-      return k_new + (run.first_row + (q - run.first_pos)) * rows.token_stride + h * rows.head_stride;
+    // Whether row j continues t's run: the same sequence at the position j - t further on.
+    auto member = [&](std::int64_t jr) {
+      return jr >= 0 && jr < rows.tokens && paged_valid_token(cache, slot_mapping, tp, jr) && tp.seq_ids[jr] == seq &&
+             tp.positions[jr] == pos + (jr - t);
     };
-    if (!closes) {  // the open page after the call: kept in full precision (by the closer when straddling)
-      if (!straddle) {
-        T* o = open + cache.open_offset(seq, pos % ps, h, 0);
-        for (std::int64_t c = g.lane; c < d; c += kLanes) o[c] = x[c];
+    const std::int64_t offset = pos % ps, page_index = pos / ps, start = page_index * ps;
+    auto new_row = [&](std::int64_t q) {  // k_new's row of position q of the run, this head
+      return k_new + (t + (q - pos)) * rows.token_stride + h * rows.head_stride;
+    };
+    auto copy_row = [&](T* dst, const T* src) {
+      if (vectors) {
+        for (int u = g.lane; u < units; u += kLanes) device::store<V>(dst + u * V, device::load<V>(src + u * V));
+      } else {
+        for (std::int64_t c = g.lane; c < d; c += kLanes) dst[c] = src[c];
+      }
+    };
+    // Does the run reach the page's last position? The rows up to it, checked by the group's lanes.
+    bool reaches = true;
+    for (std::int64_t k = 1 + g.lane; k <= ps - 1 - offset; k += kLanes) reaches &= member(t + k);
+    reaches = __all_sync(g.mask, reaches);
+    if (!reaches) {  // the open page after the call: kept in full precision (by the closer when straddling)
+      // The run's first position (exponential then binary search back from t; rare rows only:
+      // those of a page left open).
+      std::int64_t in = t, step = 1;
+      while (member(in - step)) {
+        in -= step;
+        step *= 2;
+      }
+      for (std::int64_t out = in - step; in - out > 1;) {
+        const std::int64_t mid = in - (in - out) / 2;
+        if (member(mid)) in = mid;
+        else out = mid;
+      }
+      const std::int64_t first_pos = pos - (t - in);
+      const bool straddle = first_pos / ps != page_index && first_pos % ps != 0;
+      if (!straddle) copy_row(open + cache.open_offset(seq, offset, h, 0), x);
+      continue;
+    }
+    if (offset != ps - 1) continue;  // only the page's last token closes it
+    // The page's positions before old_end are in the open-page buffer, the rest in this call: the
+    // nearest row back from t that is not in the run, found by the group's lanes.
+    std::uint32_t nearest = static_cast<std::uint32_t>(offset + 1);  // none within the page
+    for (std::int64_t k = 1 + g.lane; k <= offset; k += kLanes)
+      if (!member(t - k)) {
+        nearest = static_cast<std::uint32_t>(k);
+        break;
+      }
+    nearest = ~device::warp_max_bits(~nearest, g.mask);  // the group's least
+    const std::int64_t old_end = pos - nearest + 1;
+    // A run that began inside this page and ends inside a later one leaves that page open; its rows
+    // reuse the buffer rows this closer reads, so the closer writes them, after its reads.
+    std::int64_t open_from = 0, open_to = -1;
+    if (old_end > start) {
+      std::int64_t in = t, step = 1;
+      while (member(in + step)) {
+        in += step;
+        step *= 2;
+      }
+      for (std::int64_t out = in + step; out - in > 1;) {
+        const std::int64_t mid = in + (out - in) / 2;
+        if (member(mid)) in = mid;
+        else out = mid;
+      }
+      const std::int64_t last_pos = pos + (in - t);
+      if (last_pos / ps != page_index && (last_pos + 1) % ps != 0) {
+        open_from = last_pos / ps * ps;
+        open_to = last_pos;
+      }
+    }
+    const PageStrides& s = cache.k_strides;
+    std::int8_t* const codes = cache.k_codes + page * s.page_stride + h * s.head_stride;
+    auto key_row = [&](std::int64_t q) {
+      return q < old_end ? open + cache.open_offset(seq, q % ps, h, 0) : new_row(q);
+    };
+    const std::int64_t first_scaled = max(start, cache.sink_tokens);
+    if (vectors) {
+      // A lane's 16-byte units of every token of the page, eight tokens' loads in flight at a time.
+      constexpr int kBatch = 8, kWords = V * sizeof(T) / 4;
+      for (int u = g.lane; u < units; u += kLanes) {
+        std::uint32_t raw[kWords] = {};
+        for (std::int64_t q0 = first_scaled; q0 <= pos; q0 += kBatch) {
+          device::Bits<V, T> xs[kBatch];
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b)
+            if (q0 + b <= pos) xs[b] = device::load_bits<V>(key_row(q0 + b) + u * V);
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b)
+            if (q0 + b <= pos) device::raw_abs_max_into(raw, device::unpack<T, V>(xs[b]));
+        }
+        Fragment<float, V> sc, rs;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          std::uint32_t bits = raw[e * sizeof(T) / 4];
+          if constexpr (sizeof(T) == 2) bits = (bits >> (16 * (e % 2))) & 0xffffu;
+          float amax;
+          if (bits < device::RawAbs<T>::kNonfinite) {
+            amax = device::RawAbs<T>::value(bits);
+          } else {  // a NaN or Inf in this channel: the largest finite value, element by element
+            std::uint32_t m = 0;
+            for (std::int64_t q = first_scaled; q <= pos; ++q) m = max(m, finite_abs_bits(to_float(key_row(q)[u * V + e])));
+            amax = bits_to_float(m);
+          }
+          sc[e] = scale_from_amax(amax);
+          rs[e] = reciprocal(sc[e]);
+          cache.k_scales[cache.channel_scale_offset(page, h, u * V + e)] = sc[e];
+        }
+        for (std::int64_t q0 = start; q0 <= pos; q0 += kBatch) {
+          device::Bits<V, T> xs[kBatch];
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b)
+            if (q0 + b <= pos) xs[b] = device::load_bits<V>(key_row(q0 + b) + u * V);
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b)
+            if (q0 + b <= pos)
+              device::store<V>(codes + ((q0 + b) % ps) * s.token_stride + u * V,
+                               device::quantize<V>(device::unpack<T, V>(xs[b]), sc, rs));
+        }
+        for (std::int64_t q = open_from; q <= open_to; ++q)  // after this unit's reads
+          device::store<V>(open + cache.open_offset(seq, q % ps, h, u * V), device::load<V>(new_row(q) + u * V));
       }
       continue;
     }
-    if (pos % ps != ps - 1) continue;  // only the page's last token closes it
-    const std::int64_t start = page_index * ps, old_end = page_index == first_page ? run.first_pos : start;
-    const PageStrides& s = cache.k_strides;
-    std::int8_t* const codes = cache.k_codes + page * s.page_stride + h * s.head_stride;
     for (std::int64_t c = g.lane; c < d; c += kLanes) {
-      auto key = [&](std::int64_t q) {
-        return to_float(q < old_end ? open[cache.open_offset(seq, q % ps, h, c)] : new_row(q)[c]);
-      };
+      auto key = [&](std::int64_t q) { return to_float(key_row(q)[c]); };
       std::uint32_t amax = 0;
-      for (std::int64_t q = max(start, cache.sink_tokens); q <= pos; ++q) amax = max(amax, finite_abs_bits(key(q)));
+      for (std::int64_t q = first_scaled; q <= pos; ++q) amax = max(amax, finite_abs_bits(key(q)));
       const float scale = scale_from_amax(bits_to_float(amax));
       cache.k_scales[cache.channel_scale_offset(page, h, c)] = scale;
       for (std::int64_t q = start; q <= pos; ++q) codes[(q % ps) * s.token_stride + c] = quantize_value(key(q), scale);
-      if (page_index == first_page && straddle)  // after this channel's reads: the open page's rows
-        for (std::int64_t q = last_page * ps; q <= run.last_pos; ++q)
-          open[cache.open_offset(seq, q % ps, h, c)] = new_row(q)[c];
+      for (std::int64_t q = open_from; q <= open_to; ++q)  // after this channel's reads
+        open[cache.open_offset(seq, q % ps, h, c)] = new_row(q)[c];
     }
   }
 }
@@ -402,9 +474,10 @@ template <class T>
 cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const TokenRows& rows,
                                      const std::int64_t* slot_mapping, const TokenPositions& tp,
                                      const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
+  const bool vectors = append_takes_rows(k_new, v_new, rows, cache) && is_aligned(cache.k_open, 16);
   return launch_by_lanes<T>(rows.tokens * cache.kv_heads * 2, cache.head_dim, [&](auto lanes, unsigned grid) {
     append_kv_by_page_kernel<decltype(lanes)::value, T><<<grid, PagedPolicy::kThreads, 0, stream>>>(
-        k_new, v_new, rows, slot_mapping, tp, cache, error_count);
+        k_new, v_new, rows, slot_mapping, tp, cache, vectors, error_count);
   });
 }
 
