@@ -34,15 +34,15 @@ NAME = re.compile(r"^decode_attention/half/(?P<scheme>[a-z_]+)/B(?P<B>\d+)_T(?P<
 
 
 def install_wheels(wheels):
-    """pip install --no-deps every wheel in `wheels` into a scratch directory put first on sys.path."""
+    """pip install --no-deps flashinfer-python and apache-tvm-ffi from the wheels in `wheels` (pip picks
+    the one built for this Python) into a scratch directory put first on sys.path."""
     target = tempfile.mkdtemp(prefix="kvq_peers_")
-    files = [os.path.join(wheels, f) for f in sorted(os.listdir(wheels)) if f.endswith(".whl")]
-    if not files:
+    if not any(f.endswith(".whl") for f in os.listdir(wheels)):
         return f"no wheels in {wheels}"
-    rc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target",
-                         target] + files).returncode
+    rc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--find-links",
+                         wheels, "--target", target, "flashinfer-python", "apache-tvm-ffi"]).returncode
     if rc != 0:
-        return f"pip install of {len(files)} wheels failed ({rc})"
+        return f"pip install from {wheels} failed ({rc})"
     sys.path.insert(0, target)
     return None
 

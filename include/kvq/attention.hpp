@@ -102,9 +102,14 @@ constexpr std::int64_t kMaxDecodeHeadDim = 256;
 /// chunk's tokens in blocks of 64 (four tiles of 16).
 constexpr std::int64_t kDecodeSplitAlign = 64;
 
-/// A plan for `limits` on a GPU of `sm_count` SMs: chunks of at least 256 tokens, as many as
-/// give about four blocks per SM (FlashInfer's and FlashAttention's split heuristics aim the same
-/// way: fill the GPU once, no more, since every chunk adds a partial to merge).
+/// Blocks of the decode kernels that run at once on an SM, by head dim (what their registers allow).
+constexpr std::int64_t decode_blocks_per_sm(std::int64_t head_dim) noexcept { return head_dim <= 64 ? 3 : 2; }
+
+/// A plan for `limits` on a GPU of `sm_count` SMs. The blocks run in waves of
+/// decode_blocks_per_sm an SM, so the split count is the one that minimizes waves times
+/// a block's time: its tokens per warp, plus a fixed cost of 32 for its setup and partial. One
+/// long sequence is cut until it fills a wave, a large batch is not cut at all, and a count that
+/// would start a nearly empty last wave loses to one that does not.
 /// Limits that are not positive, or a group or head dim decode_attention does not run, give a plan
 /// of 0 splits, which decode_attention refuses.
 inline DecodePlan make_decode_plan(const DecodeLimits& limits, int sm_count) noexcept {
@@ -115,13 +120,22 @@ inline DecodePlan make_decode_plan(const DecodeLimits& limits, int sm_count) noe
       limits.q_heads / limits.kv_heads > kMaxDecodeGroup || limits.head_dim > kMaxDecodeHeadDim || sm_count < 1 ||
       limits.max_batch > 65535 || limits.kv_heads > 65535 || limits.max_seq_len > (std::int64_t{1} << 31))
     return p;  // grid.z, grid.y; lengths are int32
-  constexpr std::int64_t kMinSplitTokens = 256, kBlocksPerSm = 4;
-  const std::int64_t blocks = limits.max_batch * limits.kv_heads;
-  const std::int64_t want = std::max<std::int64_t>(1, (kBlocksPerSm * sm_count + blocks - 1) / blocks);
-  std::int64_t tokens = std::max(kMinSplitTokens, (limits.max_seq_len + want - 1) / want);
-  tokens = (tokens + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
-  p.splits = (limits.max_seq_len + tokens - 1) / tokens;
-  p.split_tokens = tokens;
+  constexpr std::int64_t kWarpsPerBlock = 4, kBlockCostTokens = 32, kMaxSplits = 1024;
+  const std::int64_t wave = decode_blocks_per_sm(limits.head_dim) * sm_count, blocks = limits.max_batch * limits.kv_heads;
+  const std::int64_t aligned_len = (limits.max_seq_len + kDecodeSplitAlign - 1) / kDecodeSplitAlign;
+  std::int64_t best_cost = -1;
+  for (std::int64_t s = 1; s <= std::min(kMaxSplits, aligned_len); ++s) {
+    const std::int64_t tokens = (aligned_len + s - 1) / s * kDecodeSplitAlign;
+    const std::int64_t splits = (limits.max_seq_len + tokens - 1) / tokens;
+    // A block's four warps take its tokens in runs of kDecodeSplitAlign, in turn.
+    const std::int64_t per_warp = ((tokens / kDecodeSplitAlign + kWarpsPerBlock - 1) / kWarpsPerBlock) * kDecodeSplitAlign;
+    const std::int64_t cost = (blocks * splits + wave - 1) / wave * (per_warp + kBlockCostTokens);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      p.splits = splits;
+      p.split_tokens = tokens;
+    }
+  }
   p.workspace_bytes =
       static_cast<std::size_t>(limits.max_batch * limits.q_heads * (p.splits + 1) * (limits.head_dim + 2)) *
       sizeof(float);

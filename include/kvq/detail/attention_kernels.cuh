@@ -283,9 +283,10 @@ struct DecodeMmaPolicy {
   static constexpr int kWarps = DecodePolicy::kWarps;
   static constexpr int kTileTokens = 16;
   static constexpr int kBlockTokens = 64;  // a warp's run of tiles (kDecodeSplitAlign)
-  /// 12 warps an SM (at most 168 registers a thread); 8 for head dim 256, whose tile and output
-  /// take twice the registers.
-  static constexpr int min_blocks_per_sm(int k_steps) { return k_steps > 8 ? 2 : 3; }
+  /// Blocks an SM: 3 (at most 168 registers a thread) for head dim 64; 2 from head dim 128 on,
+  /// whose two tiles in flight and output need up to 255 registers without spilling.
+  /// make_decode_plan plans waves of decode_blocks_per_sm, the same numbers.
+  static constexpr int min_blocks_per_sm(int k_steps) { return static_cast<int>(decode_blocks_per_sm(16 * k_steps)); }
 };
 
 /// d = a b + c on the tensor cores: fp16 a (16 x 16) and b (16 x 8), fp32 c and d (16 x 8).
@@ -327,6 +328,36 @@ __device__ inline void codes_to_half2(std::uint32_t w, std::uint32_t& c01, std::
 
 /// 2^e for e in [-126, 127].
 __device__ inline float exp2_int(int e) { return __uint_as_float(static_cast<std::uint32_t>(e + 127) << 23); }
+
+/// kWords words of codes from p: 16-byte loads where `wide` (p 16-byte aligned), else 8-byte
+/// (p 8-byte aligned, as decode_takes_mma requires).
+template <int kWords>
+__device__ inline void load_words(std::uint32_t (&w)[kWords], const std::int8_t* p, bool wide) {
+  if constexpr (kWords % 4 == 0) {
+    if (wide) {
+#pragma unroll
+      for (int i = 0; i < kWords; i += 4) {
+        const uint4 x = *reinterpret_cast<const uint4*>(p + 4 * i);
+        w[i] = x.x;
+        w[i + 1] = x.y;
+        w[i + 2] = x.z;
+        w[i + 3] = x.w;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kWords; i += 2) {
+    const uint2 x = *reinterpret_cast<const uint2*>(p + 4 * i);
+    w[i] = x.x;
+    w[i + 1] = x.y;
+  }
+}
+template <int kWords>
+__device__ inline void zero_words(std::uint32_t (&w)[kWords]) {
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) w[i] = 0u;
+}
 
 /// One tile's operands for one lane, loaded ahead of its arithmetic.
 template <int kDim>
@@ -452,58 +483,77 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     for (int n = 0; n < kNTiles; ++n) acc[n][m][0] = acc[n][m][1] = 0.0f;
   }
 
+  // The tile loads' invariants: this head's rows and this lane's bytes of them, 16-byte loads
+  // where every stride allows, 32-bit token arithmetic (lengths are int32, so t < 2^31).
+  const PageStrides &kst = cache.k_strides, &vst = cache.v_strides;
+  const std::int8_t* const k_lane = cache.k_codes + h * kst.head_stride + j * (D / 4);
+  const std::int8_t* const v_lane = cache.v_codes + h * vst.head_stride + r * (D / 8);
+  auto wide = [](const std::int8_t* p, const PageStrides& st, int lane_bytes) {
+    return ((reinterpret_cast<std::uintptr_t>(p) | static_cast<std::uintptr_t>(st.page_stride | st.token_stride |
+                                                                                 st.head_stride | lane_bytes)) &
+            15u) == 0;
+  };
+  const bool k_wide = wide(cache.k_codes, kst, D / 4), v_wide = wide(cache.v_codes, vst, D / 8);
+  const std::uint32_t ps32 = static_cast<std::uint32_t>(min(ps, std::int64_t{1} << 31));
+  auto in_pool = [&](std::int64_t p) { return p >= 0 && p < cache.num_pages; };
+
   auto load_tile = [&](std::int64_t t0) {
     Tile td;
-    const std::int64_t kt[2] = {t0 + r, t0 + 8 + r};
-    const std::int64_t vt[4] = {t0 + 2 * j, t0 + 2 * j + 1, t0 + 2 * j + 8, t0 + 2 * j + 9};
-    td.page = page_tiles ? table[t0 / ps] : -1;
-    auto page_of = [&](std::int64_t t) { return page_tiles ? td.page : static_cast<std::int64_t>(table[t / ps]); };
-    auto in_pool = [&](std::int64_t p) { return p >= 0 && p < cache.num_pages; };
+    const std::uint32_t t0u = static_cast<std::uint32_t>(t0);
+    // Where page_size % 16 == 0 the tile is one page: looked up once, its tokens at offsets
+    // tile_off + i. Otherwise each token finds its own page.
+    std::uint32_t tile_off = 0;
+    td.page = -1;
+    if (page_tiles) {
+      const std::uint32_t index = t0u / ps32;
+      tile_off = t0u - index * ps32;
+      td.page = table[index];
+    }
+    const bool tile_in_pool = page_tiles && in_pool(td.page);
+    if (by_page && tile_in_pool) {  // the page's key scales, for make_q a tile later
+      const float* ks = cache.k_scales + cache.channel_scale_offset(td.page, h, j * (D / 4));
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(ks));
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(ks + D / 4 - 1));
+    }
+    // Token i of the tile: its page (-1: none, or outside the pool) and offset, when in range.
+    auto locate = [&](int i, std::int64_t& page, std::uint32_t& off) {
+      const std::int64_t t = t0 + i;
+      page = -1;
+      if (t < lo_t || t >= hi_t) return false;
+      if (page_tiles) {
+        page = tile_in_pool ? td.page : -1;
+        off = tile_off + i;
+      } else {
+        const std::uint32_t index = (t0u + i) / ps32;
+        page = table[index];
+        off = t0u + i - index * ps32;
+        if (!in_pool(page)) page = -1;
+      }
+      return true;
+    };
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const std::int64_t t = kt[i];
-      std::int64_t page = -1;
-      if (t >= lo_t && t < hi_t) page = page_of(t);
-      const PageStrides& st = cache.k_strides;
-      if (in_pool(page)) {
-        const std::int8_t* p = cache.k_codes + page * st.page_stride + (t % ps) * st.token_stride + h * st.head_stride +
-                               j * (D / 4);
-#pragma unroll
-        for (int w = 0; w < Tile::kKeyWords; w += 2) {
-          const uint2 x = *reinterpret_cast<const uint2*>(p + 4 * w);
-          td.k[i][w] = x.x;
-          td.k[i][w + 1] = x.y;
-        }
-      } else {
-#pragma unroll
-        for (int w = 0; w < Tile::kKeyWords; ++w) td.k[i][w] = 0;
-      }
+      std::int64_t page;
+      std::uint32_t off;
+      if (locate(i == 0 ? r : 8 + r, page, off) && page >= 0)
+        load_words(td.k[i], k_lane + page * kst.page_stride + off * kst.token_stride, k_wide);
+      else
+        zero_words(td.k[i]);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const std::int64_t t = vt[i];
-      const bool in_range = t >= lo_t && t < hi_t;
-      std::int64_t page = -1;
-      if (in_range) page = page_of(t);
-      const bool valid = in_pool(page);
-      if (in_range && !valid && r == 0 && h == 0 && error_count != nullptr) atomicAdd(error_count, 1ull);
+      std::int64_t page;
+      std::uint32_t off;
+      const bool in_range = locate(2 * j + (i & 1) + 8 * (i >> 1), page, off);
+      if (in_range && page < 0 && r == 0 && h == 0 && error_count != nullptr) atomicAdd(error_count, 1ull);
       td.k_scale[i] = td.v_scale[i] = 0.0f;
-      const PageStrides& st = cache.v_strides;
-      if (valid) {
-        const std::int64_t slot = page * ps + t % ps;
-        const std::int8_t* p = cache.v_codes + page * st.page_stride + (t % ps) * st.token_stride + h * st.head_stride +
-                               r * (D / 8);
-#pragma unroll
-        for (int w = 0; w < Tile::kValueWords; w += 2) {
-          const uint2 x = *reinterpret_cast<const uint2*>(p + 4 * w);
-          td.v[i][w] = x.x;
-          td.v[i][w + 1] = x.y;
-        }
-        td.v_scale[i] = sanitize_scale(cache.v_scales[cache.scale_offset(slot, h)]);
-        if (!by_page) td.k_scale[i] = sanitize_scale(cache.k_scales[cache.scale_offset(slot, h)]);
+      if (page >= 0) {
+        load_words(td.v[i], v_lane + page * vst.page_stride + off * vst.token_stride, v_wide);
+        const std::int64_t scale_at = cache.scale_offset(page * ps + off, h);
+        td.v_scale[i] = sanitize_scale(cache.v_scales[scale_at]);
+        if (!by_page) td.k_scale[i] = sanitize_scale(cache.k_scales[scale_at]);
       } else {
-#pragma unroll
-        for (int w = 0; w < Tile::kValueWords; ++w) td.v[i][w] = 0;
+        zero_words(td.v[i]);
       }
     }
     return td;
