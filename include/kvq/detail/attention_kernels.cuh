@@ -366,7 +366,7 @@ struct DecodeTileData {
   std::uint32_t k[2][kKeyWords];   // tokens r, 8 + r
   std::uint32_t v[4][kValueWords];  // tokens 2j, 2j + 1, 2j + 8, 2j + 9 (the lane's score columns)
   float k_scale[4], v_scale[4];     // theirs (k_scale: kPerTokenHead); v_scale 0 where not valid
-  __device__ bool valid(int i) const { return v_scale[i] != 0.0f; }  // a sanitized scale is positive
+  __device__ bool valid(int i) const { return float_bits(v_scale[i]) != 0u; }  // a sanitized scale is positive
   std::int64_t page;  // the tile's page where page_size % 16 == 0 (kKeysPerChannelPage needs it)
 };
 
