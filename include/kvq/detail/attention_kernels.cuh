@@ -515,6 +515,22 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       asm volatile("prefetch.global.L1 [%0];" ::"l"(ks));
       asm volatile("prefetch.global.L1 [%0];" ::"l"(ks + D / 4 - 1));
     }
+    if (tile_in_pool && t0 >= lo_t && t0 + kTile <= hi_t) {  // the common case: a whole tile of one page
+      const std::int8_t* const k_tile = k_lane + td.page * kst.page_stride + std::int64_t{tile_off} * kst.token_stride;
+      const std::int8_t* const v_tile = v_lane + td.page * vst.page_stride + std::int64_t{tile_off} * vst.token_stride;
+      const std::int64_t scale_tile = cache.scale_offset(td.page * ps + tile_off, h);
+      load_words(td.k[0], k_tile + r * kst.token_stride, k_wide);
+      load_words(td.k[1], k_tile + (8 + r) * kst.token_stride, k_wide);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int token = 2 * j + (i & 1) + 8 * (i >> 1);
+        load_words(td.v[i], v_tile + token * vst.token_stride, v_wide);
+        const std::int64_t scale_at = scale_tile + token * cache.kv_heads;
+        td.v_scale[i] = sanitize_scale(cache.v_scales[scale_at]);
+        td.k_scale[i] = by_page ? 0.0f : sanitize_scale(cache.k_scales[scale_at]);
+      }
+      return td;
+    }
     // Token i of the tile: its page (-1: none, or outside the pool) and offset, when in range.
     auto locate = [&](int i, std::int64_t& page, std::uint32_t& off) {
       const std::int64_t t = t0 + i;
