@@ -15,7 +15,7 @@
 #include <kvq/version.hpp>
 
 #include <kvq/detail/config.cuh>
-#include <kvq/detail/vector_kernels.cuh>
+#include <kvq/detail/row_kernels.cuh>
 #include <kvq/device.cuh>
 #include <kvq/paged.hpp>
 
@@ -104,30 +104,18 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     }
     const T* x[2] = {k_new + t * rows.token_stride + h * rows.head_stride,
                      v_new + t * rows.token_stride + h * rows.head_stride};
+    auto owns = [&](int u) { return g.lane + u * kLanes < units; };  // unit g.lane + u * kLanes
     device::Bits<V, T> held[2][kUnits];
 #pragma unroll
     for (int kv = 0; kv < 2; ++kv)
 #pragma unroll
       for (int u = 0; u < kUnits; ++u)
-        if (g.lane + u * kLanes < units) held[kv][u] = device::load_bits<V>(x[kv] + (g.lane + u * kLanes) * V);
+        if (owns(u)) held[kv][u] = device::load_bits<V>(x[kv] + (g.lane + u * kLanes) * V);
     const std::int64_t page = slot / cache.page_size, offset = slot % cache.page_size;
 #pragma unroll
     for (int kv = 0; kv < 2; ++kv) {
-      constexpr int kWords = V * sizeof(T) / 4;
-      std::uint32_t raw[kWords] = {};
-#pragma unroll
-      for (int u = 0; u < kUnits; ++u)
-        if (g.lane + u * kLanes < units) device::raw_abs_max_into(raw, device::unpack<T, V>(held[kv][u]));
-      std::uint32_t m = device::raw_abs_fold<T>(raw);
-      unsigned long long bad = 0;
-      if (m < device::RawAbs<T>::kNonfinite) {
-        m = float_bits(device::RawAbs<T>::value(m));
-      } else {
-        m = 0;
-#pragma unroll
-        for (int u = 0; u < kUnits; ++u)
-          if (g.lane + u * kLanes < units) m = max(m, device::amax_bits(device::unpack<T, V>(held[kv][u]), bad));
-      }
+      unsigned long long bad = 0;  // not counted by append_kv: it decides the lean codes path
+      std::uint32_t m = held_amax_bits<V, kUnits, T>(held[kv], owns, bad);
       // The lean codes path is decided per lane, on its own values, as in row_scales_kernel.
       m = device::warp_max_bits(m, g.mask);
       const float amax = bits_to_float(m), scale = scale_from_amax(amax), inv = reciprocal(scale);
@@ -144,7 +132,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
       with_codes_path<T>(bad == 0 && lean_codes_apply(amax), [&](auto lean) {
 #pragma unroll
         for (int u = 0; u < kUnits; ++u)
-          if (g.lane + u * kLanes < units)
+          if (owns(u))
             device::store<V>(dst + (g.lane + u * kLanes) * V,
                              codes<decltype(lean)::value>(device::unpack<T, V>(held[kv][u]), sc, rs));
       });
@@ -299,17 +287,21 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     if (vectors) {
       // A lane's 16-byte units of every token of the page, eight tokens' loads in flight at a time.
       constexpr int kBatch = 8, kWords = V * sizeof(T) / 4;
-      for (int u = g.lane; u < units; u += kLanes) {
-        std::uint32_t raw[kWords] = {};
-        for (std::int64_t q0 = first_scaled; q0 <= pos; q0 += kBatch) {
+      // each(q, x) for the positions q in [from, pos] of unit u, x their keys' 16 bytes.
+      auto for_each_key = [&](int u, std::int64_t from, auto each) {
+        for (std::int64_t q0 = from; q0 <= pos; q0 += kBatch) {
           device::Bits<V, T> xs[kBatch];
 #pragma unroll
           for (int b = 0; b < kBatch; ++b)
             if (q0 + b <= pos) xs[b] = device::load_bits<V>(key_row(q0 + b) + u * V);
 #pragma unroll
           for (int b = 0; b < kBatch; ++b)
-            if (q0 + b <= pos) device::raw_abs_max_into(raw, device::unpack<T, V>(xs[b]));
+            if (q0 + b <= pos) each(q0 + b, device::unpack<T, V>(xs[b]));
         }
+      };
+      for (int u = g.lane; u < units; u += kLanes) {
+        std::uint32_t raw[kWords] = {};
+        for_each_key(u, first_scaled, [&](std::int64_t, const Fragment<T, V>& x) { device::raw_abs_max_into(raw, x); });
         Fragment<float, V> sc, rs;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
@@ -327,17 +319,9 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
           rs[e] = reciprocal(sc[e]);
           cache.k_scales[cache.channel_scale_offset(page, h, u * V + e)] = sc[e];
         }
-        for (std::int64_t q0 = start; q0 <= pos; q0 += kBatch) {
-          device::Bits<V, T> xs[kBatch];
-#pragma unroll
-          for (int b = 0; b < kBatch; ++b)
-            if (q0 + b <= pos) xs[b] = device::load_bits<V>(key_row(q0 + b) + u * V);
-#pragma unroll
-          for (int b = 0; b < kBatch; ++b)
-            if (q0 + b <= pos)
-              device::store<V>(codes + ((q0 + b) % ps) * s.token_stride + u * V,
-                               device::quantize<V>(device::unpack<T, V>(xs[b]), sc, rs));
-        }
+        for_each_key(u, start, [&](std::int64_t q, const Fragment<T, V>& x) {
+          device::store<V>(codes + (q % ps) * s.token_stride + u * V, device::quantize<V>(x, sc, rs));
+        });
         for (std::int64_t q = open_from; q <= open_to; ++q)  // after this unit's reads
           device::store<V>(open + cache.open_offset(seq, q % ps, h, u * V), device::load<V>(new_row(q) + u * V));
       }

@@ -115,6 +115,27 @@ struct RowThread {
   __device__ int unit(int j) const { return lane + j * lanes; }
 };
 
+/// The largest finite |x| over the units a thread holds (held[j] where owns(j)), as fp32 bits, and
+/// the number of NaN/Inf among them added to `nonfinite`: raw |x| bits first (exact, two 16-bit
+/// values per instruction); only a NaN or Inf (bits >= kNonfinite) takes the exact rule (finite
+/// values only) and the count.
+template <int V, int kUnits, class T, class Owns>
+__device__ inline std::uint32_t held_amax_bits(const device::Bits<V, T> (&held)[kUnits], Owns owns,
+                                               unsigned long long& nonfinite) {
+  constexpr int kWords = V * sizeof(T) / 4;
+  std::uint32_t raw[kWords] = {};
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j)
+    if (owns(j)) device::raw_abs_max_into(raw, device::unpack<T, V>(held[j]));
+  const std::uint32_t m = device::raw_abs_fold<T>(raw);
+  if (m < device::RawAbs<T>::kNonfinite) return float_bits(device::RawAbs<T>::value(m));
+  std::uint32_t exact = 0;
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j)
+    if (owns(j)) exact = max(exact, device::amax_bits(device::unpack<T, V>(held[j]), nonfinite));
+  return exact;
+}
+
 /// Scales of each row of a whole-vector view, and its codes when q is not null, in one pass.
 template <class Policy, int V, int kUnits, class T>
 KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
@@ -133,23 +154,8 @@ KVQ_KERNEL void __launch_bounds__(Policy::kThreads, Policy::kMinBlocksPerSM)
   // would otherwise sit between the row's reduction and its codes.
   float* const scale_at = scales + p.scale_rows.base(t.row);
 
-  // This thread's amax as raw |x| bits (exact, two 16-bit values per instruction); a NaN or Inf
-  // shows as bits >= kNonfinite and takes the exact rule (finite values only) and the count.
-  constexpr int kWords = V * sizeof(T) / 4;
-  std::uint32_t raw[kWords] = {};
-#pragma unroll
-  for (int j = 0; j < kUnits; ++j)
-    if (t.owns(j, p)) device::raw_abs_max_into(raw, device::unpack<T, V>(v[j]));
-  std::uint32_t m = device::raw_abs_fold<T>(raw);
   unsigned long long bad = 0;
-  if (m < device::RawAbs<T>::kNonfinite) {
-    m = float_bits(device::RawAbs<T>::value(m));
-  } else {
-    m = 0;
-#pragma unroll
-    for (int j = 0; j < kUnits; ++j)
-      if (t.owns(j, p)) m = max(m, device::amax_bits(device::unpack<T, V>(v[j]), bad));
-  }
+  std::uint32_t m = held_amax_bits<V, kUnits, T>(v, [&](int j) { return t.owns(j, p); }, bad);
   // Across the row's lanes (one redux per row on sm_80 and later): bits of non-negative floats
   // order as the floats do.
   m = device::warp_max_bits(m, t.row_mask);
