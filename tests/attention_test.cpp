@@ -2,7 +2,8 @@
 // it must satisfy exactly (one token returns its value, GQA picks KV head qh / group, empty and
 // skipped sequences give 0 and lse -inf), agreement with attention computed here from gather_kv's
 // rows, the lse merge of two halves of a sequence, attention over the original (unquantized) K/V
-// within the int8 error, for both schemes; and the validation of its arguments.
+// within the int8 error, for both schemes; the validation of its arguments; and make_decode_plan
+// (chunks aligned and covering the limit, the workspace its grid writes, hand-made plans checked).
 #include "paged_cases.hpp"
 
 #include <kvq/attention.hpp>
@@ -244,6 +245,67 @@ TEST(ReferenceDecodeAttentionValidation, BadArgumentsAreRefused) {
       << "output batch differs";
   EXPECT_EQ(call(q.data(), QueryRows{1, 6, 6 * 32, 16}, out.data(), rows, lse.data()), cudaErrorInvalidValue)
       << "query heads overlapping";
+}
+
+
+// The plan: chunks aligned for the tensor-core kernel, covering every length up to the limit with
+// no empty chunk, the workspace its grid writes, a long sequence cut to fill the GPU, and no
+// plan for limits decode_attention does not run.
+TEST(DecodePlanning, ChunksCoverTheLimitAlignedAndFillTheGpu) {
+  const DecodeLimits shapes[] = {{8, 32, 8, 128, 32768}, {1, 32, 8, 128, 131072}, {32, 32, 8, 128, 1024},
+                                 {128, 32, 8, 128, 2048}, {1, 4, 2, 64, 1},        {3, 48, 3, 256, 2149},
+                                 {256, 16, 1, 80, 100}};
+  for (const int sms : {1, 132})
+    for (const DecodeLimits& l : shapes) {
+      const DecodePlan p = make_decode_plan(l, sms);
+      const std::string what = "B" + std::to_string(l.max_batch) + " T" + std::to_string(l.max_seq_len) + " D" +
+                               std::to_string(l.head_dim) + " on " + std::to_string(sms) + " SMs";
+      ASSERT_GE(p.splits, 1) << what;
+      EXPECT_EQ(p.split_tokens % kDecodeSplitAlign, 0) << what;
+      EXPECT_GE(p.splits * p.split_tokens, l.max_seq_len) << what;
+      EXPECT_LT((p.splits - 1) * p.split_tokens, l.max_seq_len) << what << ": an empty chunk";
+      EXPECT_EQ(p.workspace_bytes, static_cast<std::size_t>(l.max_batch * l.q_heads * (p.splits + 1) *
+                                                            (l.head_dim + 2)) * sizeof(float)) << what;
+      EXPECT_EQ(decode_workspace_bytes(p), p.workspace_bytes) << what;
+    }
+  // One sequence of 131072 tokens, 8 KV heads, 132 SMs: cut into at least one block an SM.
+  const DecodePlan long_one = make_decode_plan(DecodeLimits{1, 32, 8, 128, 131072}, 132);
+  EXPECT_GE(long_one.splits * 8, 132);
+  // A large batch fills the GPU by itself: not cut.
+  EXPECT_EQ(make_decode_plan(DecodeLimits{128, 32, 8, 128, 2048}, 132).splits, 1);
+  const DecodeLimits refused[] = {{0, 32, 8, 128, 100},  {1, 30, 8, 128, 100}, {1, 64, 2, 128, 100},
+                                  {1, 32, 8, 512, 100},  {1, 32, 8, 128, 0},   {70000, 8, 8, 128, 100},
+                                  {1, 8, 8, 128, (std::int64_t{1} << 31) + 1}};
+  for (const DecodeLimits& l : refused) EXPECT_EQ(make_decode_plan(l, 132).splits, 0);
+  EXPECT_EQ(make_decode_plan(shapes[0], 0).splits, 0) << "no SMs";
+}
+
+// A plan made by hand is checked before anything runs: its chunks aligned, its workspace as large
+// as its grid writes.
+TEST(DecodePlanning, AHandMadePlanIsCheckedLikeAnyOther) {
+  FilledCache f = fill({4}, 16, 2, 32, false, 4);
+  const PagedCache c = f.cache();
+  std::vector<float> q(4 * 32), out(4 * 32);
+  std::vector<float> ws(1 << 16);
+  const QueryRows rows = dense_queries(1, 4, 32);
+  const DecodePlan good = make_decode_plan(DecodeLimits{1, 4, 2, 32, 64}, 132);
+  auto check = [&](const DecodePlan& p) {
+    return validate_decode_attention(q.data(), rows, c, f.seqs(), out.data(), rows, nullptr, p, ws.data(),
+                                     ws.size() * sizeof(float));
+  };
+  ASSERT_EQ(check(good), cudaSuccess);
+  DecodePlan p = good;
+  p.split_tokens = 100;
+  EXPECT_EQ(check(p), cudaErrorInvalidValue) << "chunks not a multiple of kDecodeSplitAlign";
+  p = good;
+  p.workspace_bytes -= 4;
+  EXPECT_EQ(check(p), cudaErrorInvalidValue) << "a workspace smaller than the grid writes";
+  p = good;
+  p.splits = 70000;
+  EXPECT_EQ(check(p), cudaErrorInvalidValue) << "more chunks than a grid holds";
+  p = good;
+  p.split_tokens = 0;
+  EXPECT_EQ(check(p), cudaErrorInvalidValue);
 }
 
 }  // namespace
