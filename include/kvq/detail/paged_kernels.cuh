@@ -46,6 +46,16 @@ inline unsigned paged_grid(std::int64_t rows, int lanes) {
   return static_cast<unsigned>(std::min<std::int64_t>(blocks, PagedPolicy::kMaxBlocks));
 }
 
+/// Whether a token is skipped for its slot: padding (a negative slot, not counted), or a slot
+/// past the pool (untrusted: counted once per token, by the one thread whose `counts` is set).
+__device__ inline bool paged_slot_skipped(std::int64_t slot, const PagedCache& c, bool counts,
+                                          unsigned long long* error_count) {
+  if (slot < 0) return true;
+  if (slot < c.slots()) return false;
+  if (counts && error_count != nullptr) atomicAdd(error_count, 1ull);
+  return true;
+}
+
 template <int kLanes, class T>
 KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     append_kv_kernel(const T* k_new, const T* v_new,  // rows (tokens, kv_heads, head_dim)
@@ -61,11 +71,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     const bool is_v = i & 1;
     const std::int64_t th = i >> 1, t = th / cache.kv_heads, h = th % cache.kv_heads;
     const std::int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;  // padding
-    if (slot >= cache.slots()) {  // untrusted: skipped, counted once per token
-      if (error_count != nullptr && !is_v && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
-      continue;
-    }
+    if (paged_slot_skipped(slot, cache, !is_v && h == 0 && g.lane == 0, error_count)) continue;
     const std::int64_t page = slot / cache.page_size, offset = slot % cache.page_size;
     const PageStrides& s = is_v ? cache.v_strides : cache.k_strides;
     std::int8_t* codes = (is_v ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride +
@@ -97,11 +103,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   for (std::int64_t i = blockIdx.x * groups_per_block + threadIdx.x / kLanes; i < n; i += stride) {
     const std::int64_t t = i / cache.kv_heads, h = i % cache.kv_heads;
     const std::int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;  // padding
-    if (slot >= cache.slots()) {  // untrusted: skipped, counted once per token
-      if (error_count != nullptr && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
-      continue;
-    }
+    if (paged_slot_skipped(slot, cache, h == 0 && g.lane == 0, error_count)) continue;
     const T* x[2] = {k_new + t * rows.token_stride + h * rows.head_stride,
                      v_new + t * rows.token_stride + h * rows.head_stride};
     auto owns = [&](int u) { return g.lane + u * kLanes < units; };  // unit g.lane + u * kLanes
