@@ -103,7 +103,9 @@ constexpr std::int64_t kMaxDecodeHeadDim = 256;
 constexpr std::int64_t kDecodeSplitAlign = 64;
 
 /// Blocks of the decode kernels that run at once on an SM, by head dim (what their registers allow).
-constexpr std::int64_t decode_blocks_per_sm(std::int64_t head_dim) noexcept { return head_dim <= 64 ? 3 : 2; }
+constexpr std::int64_t decode_blocks_per_sm(std::int64_t head_dim) noexcept {
+  return head_dim <= 64 ? 4 : head_dim <= 128 ? 3 : 2;
+}
 
 /// A plan for `limits` on a GPU of `sm_count` SMs. The blocks run in waves of
 /// decode_blocks_per_sm an SM, so the split count is the one that minimizes waves times

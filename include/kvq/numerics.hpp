@@ -200,7 +200,8 @@ __host__ __device__ inline float scale_from_amax(float amax) {
 }
 
 /// A scale as every operation reads it: anything but a positive finite number is 1.
-__host__ __device__ inline float sanitize_scale(float s) { return (is_positive(s) && is_finite(s)) ? s : 1.0f; }
+/// (Positive and finite: bits in [1, kInfBits), one comparison.)
+__host__ __device__ inline float sanitize_scale(float s) { return float_bits(s) - 1u < kInfBits - 1u ? s : 1.0f; }
 
 /// Saturating round-half-to-even of a quotient to an int8 code. Clamps first, then rounds.
 __host__ __device__ inline std::int8_t saturate_round(float v) {

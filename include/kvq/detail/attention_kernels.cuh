@@ -7,10 +7,11 @@
 // KV page is read once per group, whatever the group size. Two partial kernels:
 //
 //   decode_mma_kernel     tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate), for fp16 /
-//                         bf16 queries, head dims 64 / 128 / 256 and 8-byte aligned pools. Each
+//                         bf16 queries, head dims 64 / 128 / 256 and 16-byte aligned pools. Each
 //                         warp takes tiles of 16 tokens straight from the pool into registers
-//                         (K and V codes as int8, converted exactly to fp16), S = Q K^T and
-//                         O += P V on the tensor cores, with the query heads as the MMA's rows.
+//                         (K and V codes as int8, converted exactly to fp16), S^T = K Q^T and
+//                         O^T += V^T P^T on the tensor cores, the tile's tokens on the MMA's rows
+//                         (one MMA per 16 channels) and the query heads as its columns.
 //                         Per-token scales multiply S after the MMA (keys) and P before it
 //                         (values); per-channel key scales (kKeysPerChannelPage) multiply Q,
 //                         once per page. Whatever is not exact in fp16 (Q, P) goes in as two fp16
@@ -39,6 +40,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 KVQ_NAMESPACE_BEGIN
 namespace detail {
@@ -57,9 +59,9 @@ struct DecodeTile {
   static constexpr int kChannelsPerLane = kMaxDim / kWarpSize;
 };
 
-__device__ inline float ex2_approx(float x) {  // 2^x; 2^-inf = 0
+__device__ inline float ex2_approx(float x) {  // 2^x; 2^-inf = 0, and below 2^-126 (a weight nothing sees) 0
   float y;
-  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 __device__ inline float lg2_approx(float x) {
@@ -267,25 +269,27 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
 //
 // Fragments of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 r + j
 // holds A (16 x 16) rows r and r + 8, columns 2j, 2j + 1, 2j + 8, 2j + 9; B (16 x 8) rows 2j,
-// 2j + 1, 2j + 8, 2j + 9 of column r; C (16 x 8) rows r and r + 8, columns 2j, 2j + 1. The rows of
-// A and C are the group's query heads (r + 8 only when the group is over 8). The sums over k are
-// free to visit channels and tokens in any order, so each lane's operands come from contiguous
-// bytes of the pool:
-//   S = Q K^T, per 8-token half tile: B = K^T. Lane (r, j) reads token r's key bytes
-//     [j D/4, (j + 1) D/4); word s of them (channels j D/4 + 4s ...) is k-step s's rows 2j, 2j + 1
-//     (its first two codes) and 2j + 8, 2j + 9 (the last two). A = Q takes the same channels.
-//   O += P V, per 8 channels: B = V, K = the tile's 16 tokens. Lane (r, j) reads tokens 2j, 2j + 1,
-//     2j + 8, 2j + 9 (the columns of S it holds, so P needs no shuffle), value bytes
-//     [r D/8, (r + 1) D/8); byte n of them is n-tile n's column r. Output column c of n-tile n is
-//     then channel c D/8 + n.
+// 2j + 1, 2j + 8, 2j + 9 of column r; C (16 x 8) rows r and r + 8, columns 2j, 2j + 1. Both
+// products put a tile's 16 tokens on the MMA's 16 rows or its k, so one MMA covers the tile, and
+// the group's query heads are the 8 columns (two n-tiles of them for groups over 8). The sums
+// over k are free to visit channels and tokens in any order, so each lane's operands come from
+// contiguous bytes of the pool:
+//   S^T = K Q^T, per k-step: A = K, B = Q^T. Lane (r, j) reads tokens r and r + 8, key bytes
+//     [j D/4, (j + 1) D/4); word s of them is k-step s's columns 2j, 2j + 1 (its first two codes)
+//     and 2j + 8, 2j + 9 (the last two); Q^T's fragment takes the same channels. C: the scores of
+//     tokens r and r + 8 for heads 2j, 2j + 1, so a head's softmax is over lanes of one j.
+//   O^T += V^T P^T, per m-tile of 16 channels: A = V^T, B = P^T, k = the tile's tokens. Lane
+//     (r, j) reads tokens 2j, 2j + 1, 2j + 8, 2j + 9, value bytes [r D/8, (r + 1) D/8); byte mt of
+//     them is m-tile mt's row r, byte D/16 + mt its row r + 8. P^T's fragment is S^T's C fragment
+//     transposed, 8 x 8 at a time (movmatrix). C: channels r D/8 + mt and r D/8 + D/16 + mt for
+//     heads 2j, 2j + 1, the columns whose softmax state the lane holds.
 
 struct DecodeMmaPolicy {
   static constexpr int kWarps = DecodePolicy::kWarps;
   static constexpr int kTileTokens = 16;
   static constexpr int kBlockTokens = 64;  // a warp's run of tiles (kDecodeSplitAlign)
-  /// Blocks an SM: 3 (at most 168 registers a thread) for head dim 64; 2 from head dim 128 on,
-  /// whose two tiles in flight and output need up to 255 registers without spilling.
-  /// make_decode_plan plans waves of decode_blocks_per_sm, the same numbers.
+  /// Blocks an SM, as make_decode_plan plans its waves (decode_blocks_per_sm): what the registers
+  /// allow, a second tile in flight included, without spilling.
   static constexpr int min_blocks_per_sm(int k_steps) { return static_cast<int>(decode_blocks_per_sm(16 * k_steps)); }
 };
 
@@ -329,28 +333,26 @@ __device__ inline void codes_to_half2(std::uint32_t w, std::uint32_t& c01, std::
 /// 2^e for e in [-126, 127].
 __device__ inline float exp2_int(int e) { return __uint_as_float(static_cast<std::uint32_t>(e + 127) << 23); }
 
-/// kWords words of codes from p: 16-byte loads where `wide` (p 16-byte aligned), else 8-byte
-/// (p 8-byte aligned, as decode_takes_mma requires).
+/// kWords words of codes from p: 16-byte loads when kWords is a multiple of 4, else 8-byte (p
+/// 16-byte aligned, as decode_takes_mma requires).
 template <int kWords>
-__device__ inline void load_words(std::uint32_t (&w)[kWords], const std::int8_t* p, bool wide) {
+__device__ inline void load_words(std::uint32_t (&w)[kWords], const std::int8_t* p) {
   if constexpr (kWords % 4 == 0) {
-    if (wide) {
 #pragma unroll
-      for (int i = 0; i < kWords; i += 4) {
-        const uint4 x = *reinterpret_cast<const uint4*>(p + 4 * i);
-        w[i] = x.x;
-        w[i + 1] = x.y;
-        w[i + 2] = x.z;
-        w[i + 3] = x.w;
-      }
-      return;
+    for (int i = 0; i < kWords; i += 4) {
+      const uint4 x = *reinterpret_cast<const uint4*>(p + 4 * i);
+      w[i] = x.x;
+      w[i + 1] = x.y;
+      w[i + 2] = x.z;
+      w[i + 3] = x.w;
     }
-  }
+  } else {
 #pragma unroll
-  for (int i = 0; i < kWords; i += 2) {
-    const uint2 x = *reinterpret_cast<const uint2*>(p + 4 * i);
-    w[i] = x.x;
-    w[i + 1] = x.y;
+    for (int i = 0; i < kWords; i += 2) {
+      const uint2 x = *reinterpret_cast<const uint2*>(p + 4 * i);
+      w[i] = x.x;
+      w[i + 1] = x.y;
+    }
   }
 }
 template <int kWords>
@@ -359,34 +361,54 @@ __device__ inline void zero_words(std::uint32_t (&w)[kWords]) {
   for (int i = 0; i < kWords; ++i) w[i] = 0u;
 }
 
+/// Byte b of x and of y (b < 4) as one fp16x2 (x's in the low half), exactly, as codes_to_half2.
+__device__ inline std::uint32_t code_pair_to_half2(std::uint32_t x, std::uint32_t y, int b) {
+  constexpr std::uint32_t kLowBytes = 0x00ff00ffu, k1152 = 0x64806480u;  // bias and exponent, per half
+  const std::uint32_t t = (__byte_perm(x, y, static_cast<unsigned>(b | (b + 4) << 8)) & kLowBytes) ^ k1152;
+  std::uint32_t d;
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(t), "r"(k1152));
+  return d;
+}
+
+/// The 8 x 8 fp16 matrix whose lane (r, j) holds row r, columns 2j and 2j + 1, transposed: lane
+/// (r, j) gets rows 2j and 2j + 1 of column r.
+__device__ inline std::uint32_t transpose_8x8(std::uint32_t x) {
+  std::uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
 /// One tile's operands for one lane, loaded ahead of its arithmetic.
 template <int kDim>
 struct DecodeTileData {
   static constexpr int kKeyWords = kDim / 16, kValueWords = kDim / 32;
-  std::uint32_t k[2][kKeyWords];   // tokens r, 8 + r
-  std::uint32_t v[4][kValueWords];  // tokens 2j, 2j + 1, 2j + 8, 2j + 9 (the lane's score columns)
-  float k_scale[4], v_scale[4];     // theirs (k_scale: kPerTokenHead); v_scale 0 where not valid
-  __device__ bool valid(int i) const { return float_bits(v_scale[i]) != 0u; }  // a sanitized scale is positive
-  std::int64_t page;  // the tile's page where page_size % 16 == 0 (kKeysPerChannelPage needs it)
+  std::uint32_t k[2][kKeyWords];    // tokens r, 8 + r: key bytes [j D/4, (j + 1) D/4)
+  std::uint32_t v[4][kValueWords];  // tokens 2j, 2j + 1, 2j + 8, 2j + 9: value bytes [r D/8, (r + 1) D/8)
+  // Tokens r, 8 + r: their scales as stored (k_scale: kPerTokenHead), sanitized where they are
+  // used, so that nothing waits on the loads before the tile's turn; bit i: token i is valid.
+  float k_scale[2], v_scale[2];
+  std::uint32_t valid_bits;
+  __device__ bool valid(int i) const { return (valid_bits >> i & 1u) != 0u; }
+  std::int32_t page;  // the tile's page where page_size % 16 == 0 (kKeysPerChannelPage needs it)
 };
 
-template <int kSteps, bool kFullM, class T>
+template <int kSteps, int kHeadTiles, class T>
 KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_blocks_per_sm(kSteps))
     decode_mma_kernel(const T* __restrict__ q, QueryRows q_rows,  // (batch, q_heads, head_dim)
                       PagedCache cache, SequenceTable seqs, float sm_scale, DecodePlan plan,
                       float* __restrict__ workspace, unsigned long long* error_count) {
-  constexpr int D = 16 * kSteps, kRows = kFullM ? 16 : 8, kM = kFullM ? 2 : 1, kNTiles = D / 8;
+  constexpr int D = 16 * kSteps, kRows = 8 * kHeadTiles, kMTiles = D / 16;
   constexpr int kWarps = DecodeMmaPolicy::kWarps, kTile = DecodeMmaPolicy::kTileTokens;
   constexpr int kBlock = DecodeMmaPolicy::kBlockTokens;
-  constexpr bool kPrefetch = kSteps <= 8 && !kFullM;  // registers for a second tile
+  constexpr bool kPrefetch = kSteps <= 8 && kHeadTiles == 1;  // registers for a second tile
   using Tile = DecodeTileData<D>;
   union Smem {
     ScalarDecodeSmem<D> scalar;  // the full-precision block
     struct {
       float q[kRows][D];  // the group's queries, as given
-      // Each lane's A fragments of Q per k-step: {hi cols 2j.., hi cols 2j+8.., lo .., lo ..} of
-      // row r + 8m. A lane reads only what it wrote.
-      uint4 frag[kWarps][kSteps][kM][kWarpSize];
+      // Each lane's B fragments of Q^T per k-step: {hi rows 2j.., hi rows 2j+8.., lo .., lo ..} of
+      // column r of n-tile nt. A lane reads only what it wrote.
+      uint4 frag[kWarps][kSteps][kHeadTiles][kWarpSize];
     } query;
     struct {
       float acc[kWarps][kRows][D];
@@ -410,13 +432,16 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     return;
   }
 
-  // The chunk's quantized tokens: [lo_t, hi_t) (the others are the full-precision block's).
-  const std::int64_t begin = blockIdx.x * plan.split_tokens;
-  std::int64_t lo_t = begin, hi_t = min(sq.len, begin + plan.split_tokens);
+  // The chunk's quantized tokens: [lo_t, hi_t) (the others are the full-precision block's). Token
+  // positions are 32-bit: lengths are int32, and a chunk that starts past one has no tiles.
+  const std::int64_t begin64 = min(blockIdx.x * plan.split_tokens, std::int64_t{1} << 31);
+  std::int64_t lo64 = begin64, hi64 = min(sq.len, begin64 + plan.split_tokens);
   if (by_page) {
-    lo_t = max(lo_t, cache.sink_tokens);
-    hi_t = min(hi_t, sq.len / ps * ps);
+    lo64 = max(lo64, min(cache.sink_tokens, std::int64_t{1} << 31));
+    hi64 = min(hi64, sq.len / ps * ps);
   }
+  const std::uint32_t begin = static_cast<std::uint32_t>(begin64), lo_t = static_cast<std::uint32_t>(lo64),
+                      hi_t = static_cast<std::uint32_t>(hi64);
   for (int i = threadIdx.x; i < kRows * D; i += DecodePolicy::kThreads) {
     const int row = i / D;
     sm.query.q[row][i % D] =
@@ -430,21 +455,21 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
   const bool page_tiles = ps % kTile == 0;  // every tile within one page
   const float base_scale = mul_rn(sm_scale, kLog2e);
 
-  // Q (times the page's key scales under kKeysPerChannelPage) as hi + lo fp16 A fragments in
+  // Q (times the page's key scales under kKeysPerChannelPage) as hi + lo fp16 B fragments in
   // sm.query.frag, scaled by a power of two that keeps them in fp16's range; `score_scale` undoes it.
-  uint4 (&frag)[kSteps][kM][kWarpSize] = sm.query.frag[warp];
+  uint4 (&frag)[kSteps][kHeadTiles][kWarpSize] = sm.query.frag[warp];
   bool q_has_lo = false;
   float score_scale = base_scale;
   auto make_q = [&](const float* key_scales) {  // (head_dim) of this KV head, or null
-    auto q_at = [&](int m, int c) {
-      const float x = sm.query.q[r + 8 * m][c];
+    auto q_at = [&](int nt, int c) {
+      const float x = sm.query.q[r + 8 * nt][c];
       return key_scales != nullptr ? mul_rn(x, sanitize_scale(key_scales[c])) : x;
     };
     std::uint32_t amax = 0;
 #pragma unroll
-    for (int m = 0; m < kM; ++m)
+    for (int nt = 0; nt < kHeadTiles; ++nt)
 #pragma unroll
-      for (int c = 0; c < D / 4; ++c) amax = max(amax, float_bits(q_at(m, j * (D / 4) + c)) & kAbsMask);
+      for (int c = 0; c < D / 4; ++c) amax = max(amax, float_bits(q_at(nt, j * (D / 4) + c)) & kAbsMask);
     amax = device::warp_max_bits(amax);
     // |x| < 2^(e - 126) for biased exponent e: times 2^(141 - e) it is below 2^15.
     const int e = min(max(static_cast<int>(amax >> 23), 15), 253), shift = 141 - e;
@@ -454,60 +479,69 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
 #pragma unroll
     for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-      for (int m = 0; m < kM; ++m) {
+      for (int nt = 0; nt < kHeadTiles; ++nt) {
         const int c = j * (D / 4) + 4 * s;
         uint4 f;
-        split_half2(mul_rn(q_at(m, c), up), mul_rn(q_at(m, c + 1), up), f.x, f.z);
-        split_half2(mul_rn(q_at(m, c + 2), up), mul_rn(q_at(m, c + 3), up), f.y, f.w);
+        split_half2(mul_rn(q_at(nt, c), up), mul_rn(q_at(nt, c + 1), up), f.x, f.z);
+        split_half2(mul_rn(q_at(nt, c + 2), up), mul_rn(q_at(nt, c + 3), up), f.y, f.w);
         lo_nonzero |= ((f.z | f.w) & 0x7fff7fffu) != 0;
-        frag[s][m][lane] = f;
+        frag[s][nt][lane] = f;
       }
     q_has_lo = __any_sync(kFullMask, lo_nonzero);
   };
-  std::int64_t q_page = -1;
+  std::int32_t q_page = -1;
   if (by_page) {  // until the first page in the pool: masked tiles multiply zeros
 #pragma unroll
     for (int st = 0; st < kSteps; ++st)
 #pragma unroll
-      for (int m = 0; m < kM; ++m) frag[st][m][lane] = make_uint4(0u, 0u, 0u, 0u);
+      for (int nt = 0; nt < kHeadTiles; ++nt) frag[st][nt][lane] = make_uint4(0u, 0u, 0u, 0u);
   } else {
     make_q(nullptr);
   }
 
-  float m_run[kM], l_run[kM], acc[kNTiles][kM][2];
+  // The softmax state of heads 8 nt + 2j + col (the lane's l: its tokens' part), and O^T.
+  float m_run[kHeadTiles][2], l_run[kHeadTiles][2], acc[kMTiles][kHeadTiles][4];
 #pragma unroll
-  for (int m = 0; m < kM; ++m) {
-    m_run[m] = kNegInf;
-    l_run[m] = 0.0f;
+  for (int nt = 0; nt < kHeadTiles; ++nt) {
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n) acc[n][m][0] = acc[n][m][1] = 0.0f;
+    for (int col = 0; col < 2; ++col) {
+      m_run[nt][col] = kNegInf;
+      l_run[nt][col] = 0.0f;
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
   }
 
-  // The tile loads' invariants: this head's rows and this lane's bytes of them, 16-byte loads
-  // where every stride allows, 32-bit token arithmetic (lengths are int32, so t < 2^31).
+  // The tile loads' invariants: this head's rows and this lane's bytes of them. Token positions,
+  // offsets within a page and scale indices are 32-bit (lengths are int32; decode_takes_mma
+  // checks that a page's rows and the scale arrays are under 2^31).
   const PageStrides &kst = cache.k_strides, &vst = cache.v_strides;
   const std::int8_t* const k_lane = cache.k_codes + h * kst.head_stride + j * (D / 4);
   const std::int8_t* const v_lane = cache.v_codes + h * vst.head_stride + r * (D / 8);
-  auto wide = [](const std::int8_t* p, const PageStrides& st, int lane_bytes) {
-    return ((reinterpret_cast<std::uintptr_t>(p) | static_cast<std::uintptr_t>(st.page_stride | st.token_stride |
-                                                                                 st.head_stride | lane_bytes)) &
-            15u) == 0;
-  };
-  const bool k_wide = wide(cache.k_codes, kst, D / 4), v_wide = wide(cache.v_codes, vst, D / 8);
   const std::uint32_t ps32 = static_cast<std::uint32_t>(min(ps, std::int64_t{1} << 31));
+  const std::uint32_t k_ts = static_cast<std::uint32_t>(kst.token_stride), v_ts = static_cast<std::uint32_t>(vst.token_stride);
+  const std::uint32_t kvh = static_cast<std::uint32_t>(cache.kv_heads);
   auto in_pool = [&](std::int64_t p) { return p >= 0 && p < cache.num_pages; };
+  auto key_token = [&](int i) { return static_cast<std::uint32_t>(r + 8 * i); };                         // i < 2
+  auto value_token = [&](int i) { return static_cast<std::uint32_t>(2 * j + (i & 1) + 8 * (i >> 1)); };  // i < 4
 
-  auto load_tile = [&](std::int64_t t0) {
+  const bool ps_pow2 = (ps32 & (ps32 - 1)) == 0;
+  const int ps_shift = __ffs(static_cast<int>(ps32)) - 1;
+  auto page_index = [&](std::uint32_t t) { return ps_pow2 ? t >> ps_shift : t / ps32; };
+  // Where page_size % 16 == 0 a tile is one page, read from the table a tile before its loads
+  // need it (-1 past the chunk); otherwise each token finds its own page.
+  auto table_page = [&](std::uint32_t t0) -> std::int32_t { return page_tiles && t0 < hi_t ? table[page_index(t0)] : -1; };
+
+  auto load_tile = [&](std::uint32_t t0, std::int32_t page) {
     Tile td;
-    const std::uint32_t t0u = static_cast<std::uint32_t>(t0);
-    // Where page_size % 16 == 0 the tile is one page: looked up once, its tokens at offsets
-    // tile_off + i. Otherwise each token finds its own page.
-    std::uint32_t tile_off = 0;
+    const std::uint32_t t0u = t0;
+    std::uint32_t tile_off = 0;  // page_tiles: the tile's tokens are at offsets tile_off + i of td.page
     td.page = -1;
     if (page_tiles) {
-      const std::uint32_t index = t0u / ps32;
-      tile_off = t0u - index * ps32;
-      td.page = table[index];
+      tile_off = t0u - page_index(t0u) * ps32;
+      td.page = page;
     }
     const bool tile_in_pool = page_tiles && in_pool(td.page);
     if (by_page && tile_in_pool) {  // the page's key scales, for make_q a tile later
@@ -516,63 +550,86 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       asm volatile("prefetch.global.L1 [%0];" ::"l"(ks + D / 4 - 1));
     }
     if (tile_in_pool && t0 >= lo_t && t0 + kTile <= hi_t) {  // the common case: a whole tile of one page
-      const std::int8_t* const k_tile = k_lane + td.page * kst.page_stride + std::int64_t{tile_off} * kst.token_stride;
-      const std::int8_t* const v_tile = v_lane + td.page * vst.page_stride + std::int64_t{tile_off} * vst.token_stride;
-      const std::int64_t scale_tile = cache.scale_offset(td.page * ps + tile_off, h);
-      load_words(td.k[0], k_tile + r * kst.token_stride, k_wide);
-      load_words(td.k[1], k_tile + (8 + r) * kst.token_stride, k_wide);
+      const std::int8_t* const k_page = k_lane + td.page * kst.page_stride;
+      const std::int8_t* const v_page = v_lane + td.page * vst.page_stride;
+      const std::uint32_t scale_tile = (static_cast<std::uint32_t>(td.page) * ps32 + tile_off) * kvh + static_cast<std::uint32_t>(h);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int token = 2 * j + (i & 1) + 8 * (i >> 1);
-        load_words(td.v[i], v_tile + token * vst.token_stride, v_wide);
-        const std::int64_t scale_at = scale_tile + token * cache.kv_heads;
-        td.v_scale[i] = sanitize_scale(cache.v_scales[scale_at]);
-        td.k_scale[i] = by_page ? 0.0f : sanitize_scale(cache.k_scales[scale_at]);
+      for (int i = 0; i < 2; ++i) {
+        load_words(td.k[i], k_page + (tile_off + key_token(i)) * k_ts);
+        const std::uint32_t scale_at = scale_tile + key_token(i) * kvh;
+        td.v_scale[i] = cache.v_scales[scale_at];
+        td.k_scale[i] = by_page ? 1.0f : cache.k_scales[scale_at];
       }
+      td.valid_bits = 3u;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) load_words(td.v[i], v_page + (tile_off + value_token(i)) * v_ts);
       return td;
     }
     // Token i of the tile: its page (-1: none, or outside the pool) and offset, when in range.
     auto locate = [&](int i, std::int64_t& page, std::uint32_t& off) {
-      const std::int64_t t = t0 + i;
+      const std::uint32_t t = t0 + i;
       page = -1;
       if (t < lo_t || t >= hi_t) return false;
       if (page_tiles) {
         page = tile_in_pool ? td.page : -1;
         off = tile_off + i;
       } else {
-        const std::uint32_t index = (t0u + i) / ps32;
+        const std::uint32_t index = page_index(t0u + i);
         page = table[index];
         off = t0u + i - index * ps32;
         if (!in_pool(page)) page = -1;
       }
       return true;
     };
+    td.valid_bits = 0u;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       std::int64_t page;
       std::uint32_t off;
-      if (locate(i == 0 ? r : 8 + r, page, off) && page >= 0)
-        load_words(td.k[i], k_lane + page * kst.page_stride + off * kst.token_stride, k_wide);
-      else
-        zero_words(td.k[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      std::int64_t page;
-      std::uint32_t off;
-      const bool in_range = locate(2 * j + (i & 1) + 8 * (i >> 1), page, off);
-      if (in_range && page < 0 && r == 0 && h == 0 && error_count != nullptr) atomicAdd(error_count, 1ull);
-      td.k_scale[i] = td.v_scale[i] = 0.0f;
+      const bool in_range = locate(key_token(i), page, off);
+      // A dropped token counted once: by the lanes of j = 0 (they hold tokens r and r + 8), of KV head 0.
+      if (in_range && page < 0 && j == 0 && h == 0 && error_count != nullptr) atomicAdd(error_count, 1ull);
+      td.k_scale[i] = td.v_scale[i] = 1.0f;
       if (page >= 0) {
-        load_words(td.v[i], v_lane + page * vst.page_stride + off * vst.token_stride, v_wide);
+        load_words(td.k[i], k_lane + page * kst.page_stride + off * kst.token_stride);
         const std::int64_t scale_at = cache.scale_offset(page * ps + off, h);
-        td.v_scale[i] = sanitize_scale(cache.v_scales[scale_at]);
-        if (!by_page) td.k_scale[i] = sanitize_scale(cache.k_scales[scale_at]);
+        td.v_scale[i] = cache.v_scales[scale_at];
+        if (!by_page) td.k_scale[i] = cache.k_scales[scale_at];
+        td.valid_bits |= 1u << i;
       } else {
-        zero_words(td.v[i]);
+        zero_words(td.k[i]);
       }
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // a dropped token's values are zeros (its weight is 0)
+      std::int64_t page;
+      std::uint32_t off;
+      if (locate(value_token(i), page, off) && page >= 0)
+        load_words(td.v[i], v_lane + page * vst.page_stride + off * vst.token_stride);
+      else
+        zero_words(td.v[i]);
+    }
     return td;
+  };
+
+  // S^T of a tile: c[nt][2i + col] is token key_token(i)'s score for head 8 nt + 2j + col.
+  auto scores = [&](const Tile& td, float (&c)[kHeadTiles][4], auto with_lo) {
+#pragma unroll
+    for (int st = 0; st < kSteps; ++st) {
+      std::uint32_t a[4];
+      codes_to_half2(td.k[0][st], a[0], a[2]);
+      codes_to_half2(td.k[1][st], a[1], a[3]);
+#pragma unroll
+      for (int nt = 0; nt < kHeadTiles; ++nt) {
+        const uint4 f = frag[st][nt][lane];
+        const std::uint32_t b_hi[2] = {f.x, f.y};
+        mma_f16(c[nt], a, b_hi, c[nt]);
+        if constexpr (decltype(with_lo)::value) {
+          const std::uint32_t b_lo[2] = {f.z, f.w};
+          mma_f16(c[nt], a, b_lo, c[nt]);
+        }
+      }
+    }
   };
 
   auto compute_tile = [&](const Tile& td) {
@@ -580,139 +637,149 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       make_q(cache.k_scales + cache.channel_scale_offset(td.page, h, 0));
       q_page = td.page;
     }
-    // S for the lane's columns: [m][i], i the tile token 2j, 2j + 1, 2j + 8, 2j + 9.
-    float s[kM][4], c[2][4] = {};
+    float c[kHeadTiles][4] = {};
+    if (q_has_lo)
+      scores(td, c, std::true_type{});
+    else
+      scores(td, c, std::false_type{});
+    float token_scale[2], v_scale[2];  // v_scale: 0 for a token that is not valid
 #pragma unroll
-    for (int st = 0; st < kSteps; ++st) {
-      const uint4 f0 = frag[st][0][lane], f1 = kFullM ? frag[st][kM - 1][lane] : make_uint4(0u, 0u, 0u, 0u);
-      const std::uint32_t a_hi[4] = {f0.x, f1.x, f0.y, f1.y}, a_lo[4] = {f0.z, f1.z, f0.w, f1.w};
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        std::uint32_t bk[2];
-        codes_to_half2(td.k[half][st], bk[0], bk[1]);
-        mma_f16(c[half], a_hi, bk, c[half]);
-        if (q_has_lo) mma_f16(c[half], a_lo, bk, c[half]);
-      }
+    for (int i = 0; i < 2; ++i) {
+      token_scale[i] = by_page ? score_scale : mul_rn(score_scale, sanitize_scale(td.k_scale[i]));
+      v_scale[i] = td.valid(i) ? sanitize_scale(td.v_scale[i]) : 0.0f;
     }
+    // The online softmax, per head (column); a column's 16 tokens are held by the 8 lanes of its j.
+    float alpha[kHeadTiles][2], p[kHeadTiles][4];
+    bool rescale = false;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
+    for (int nt = 0; nt < kHeadTiles; ++nt)
 #pragma unroll
-      for (int m = 0; m < kM; ++m)
+      for (int col = 0; col < 2; ++col) {
+        float s[2];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int i = 2 * half + e;
-          const float scale = by_page ? score_scale : mul_rn(score_scale, td.k_scale[i]);
-          s[m][i] = td.valid(i) ? mul_rn(c[half][2 * m + e], scale) : kNegInf;
-        }
-    }
-    // The online softmax, per query head (row); a row's 16 columns are held by its 4 lanes.
-    float alpha[kM], p[kM][4];
+        for (int i = 0; i < 2; ++i) s[i] = td.valid(i) ? mul_rn(c[nt][2 * i + col], token_scale[i]) : kNegInf;
+        float tile_max = max_rn(s[0], s[1]);
+        tile_max = max_rn(tile_max, __shfl_xor_sync(kFullMask, tile_max, 4));
+        tile_max = max_rn(tile_max, __shfl_xor_sync(kFullMask, tile_max, 8));
+        tile_max = max_rn(tile_max, __shfl_xor_sync(kFullMask, tile_max, 16));
+        const float m_new = max_rn(m_run[nt][col], tile_max);
+        const bool none = is_neg_inf(m_new);  // no valid token yet
+        alpha[nt][col] = none ? 1.0f : ex2_approx(sub_rn(m_run[nt][col], m_new));
+        rescale |= float_bits(alpha[nt][col]) != float_bits(1.0f);
 #pragma unroll
-    for (int m = 0; m < kM; ++m) {
-      float tile_max = max_rn(max_rn(s[m][0], s[m][1]), max_rn(s[m][2], s[m][3]));
-      tile_max = max_rn(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
-      tile_max = max_rn(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
-      const float m_new = max_rn(m_run[m], tile_max);
-      const bool none = is_neg_inf(m_new);  // no valid token yet
-      alpha[m] = none ? 1.0f : ex2_approx(sub_rn(m_run[m], m_new));
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        p[m][i] = none || is_neg_inf(s[m][i]) ? 0.0f : ex2_approx(sub_rn(s[m][i], m_new));
-        sum = add_rn(sum, p[m][i]);
+        for (int i = 0; i < 2; ++i)
+          p[nt][2 * i + col] = none || is_neg_inf(s[i]) ? 0.0f : ex2_approx(sub_rn(s[i], m_new));
+        l_run[nt][col] = fma_rn(l_run[nt][col], alpha[nt][col], add_rn(p[nt][col], p[nt][2 + col]));
+        m_run[nt][col] = m_new;
       }
-      l_run[m] = fma_rn(l_run[m], alpha[m], sum);
-      m_run[m] = m_new;
+    if (__any_sync(kFullMask, rescale)) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kHeadTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mt][nt][e] = mul_rn(acc[mt][nt][e], alpha[nt][e & 1]);
     }
     // P times the values' scales, over a power of two that keeps it below 2 (the tile's largest
-    // scale's exponent, restored after the MMA), as hi + lo A fragments.
-    std::uint32_t vmax = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) vmax = max(vmax, float_bits(td.v_scale[i]));
-    const int ve = min(static_cast<int>(device::warp_max_bits(vmax) >> 23), 253);
+    // scale's exponent, restored after the MMA), as hi + lo fp16, transposed into B fragments.
+    std::uint32_t vmax = max(float_bits(v_scale[0]), float_bits(v_scale[1]));
+    vmax = max(vmax, __shfl_xor_sync(kFullMask, vmax, 4));
+    vmax = max(vmax, __shfl_xor_sync(kFullMask, vmax, 8));
+    vmax = max(vmax, __shfl_xor_sync(kFullMask, vmax, 16));
+    const int ve = min(static_cast<int>(vmax >> 23), 253);
     const float down = ve == 0 ? 1.0f : exp2_int(127 - ve), up = ve == 0 ? 1.0f : exp2_int(ve - 127);
-    std::uint32_t p_hi[4], p_lo[4];
+    std::uint32_t p_hi[kHeadTiles][2], p_lo[kHeadTiles][2];
 #pragma unroll
-    for (int kh = 0; kh < 2; ++kh)
+    for (int nt = 0; nt < kHeadTiles; ++nt)
 #pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        if (m < kM) {
-          const float x0 = mul_rn(mul_rn(p[m][2 * kh], td.v_scale[2 * kh]), down);
-          const float x1 = mul_rn(mul_rn(p[m][2 * kh + 1], td.v_scale[2 * kh + 1]), down);
-          split_half2(x0, x1, p_hi[2 * kh + m], p_lo[2 * kh + m]);
-        } else {
-          p_hi[2 * kh + m] = p_lo[2 * kh + m] = 0u;
-        }
+      for (int i = 0; i < 2; ++i) {
+        const float x0 = mul_rn(mul_rn(p[nt][2 * i], v_scale[i]), down);
+        const float x1 = mul_rn(mul_rn(p[nt][2 * i + 1], v_scale[i]), down);
+        std::uint32_t hi, lo;
+        split_half2(x0, x1, hi, lo);
+        p_hi[nt][i] = transpose_8x8(hi);
+        p_lo[nt][i] = transpose_8x8(lo);
       }
-    // O = O alpha + (P V) up, 8 channels per MMA.
+    // O^T += (V^T P^T) up, 16 channels per MMA.
 #pragma unroll
-    for (int w = 0; w < Tile::kValueWords; ++w) {
-      std::uint32_t bv[4][2];  // n-tiles 4w .. 4w + 3: (rows 2j, 2j + 1), (rows 2j + 8, 2j + 9)
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      constexpr int kHigh = kMTiles;  // byte of row r + 8
+      const std::uint32_t a[4] = {
+          code_pair_to_half2(td.v[0][mt / 4], td.v[1][mt / 4], mt % 4),
+          code_pair_to_half2(td.v[0][(kHigh + mt) / 4], td.v[1][(kHigh + mt) / 4], (kHigh + mt) % 4),
+          code_pair_to_half2(td.v[2][mt / 4], td.v[3][mt / 4], mt % 4),
+          code_pair_to_half2(td.v[2][(kHigh + mt) / 4], td.v[3][(kHigh + mt) / 4], (kHigh + mt) % 4)};
 #pragma unroll
-      for (int pair = 0; pair < 2; ++pair) {
-        const std::uint32_t x = __byte_perm(td.v[2 * pair][w], td.v[2 * pair + 1][w], 0x5140);
-        const std::uint32_t y = __byte_perm(td.v[2 * pair][w], td.v[2 * pair + 1][w], 0x7362);
-        codes_to_half2(x, bv[0][pair], bv[1][pair]);
-        codes_to_half2(y, bv[2][pair], bv[3][pair]);
-      }
+      for (int nt = 0; nt < kHeadTiles; ++nt) {
+        float pv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma_f16(pv, a, p_hi[nt], pv);
+        mma_f16(pv, a, p_lo[nt], pv);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int n = 4 * w + i;
-        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        mma_f16(c, p_hi, bv[i], c);
-        mma_f16(c, p_lo, bv[i], c);
-#pragma unroll
-        for (int m = 0; m < kM; ++m)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) acc[n][m][e] = fma_rn(c[2 * m + e], up, mul_rn(acc[n][m][e], alpha[m]));
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = fma_rn(pv[e], up, acc[mt][nt][e]);
       }
     }
   };
 
   // This warp's tiles: blocks of kBlock tokens of the chunk, every kWarps-th, from lo_t on.
-  auto next_tile = [&](std::int64_t t) {
+  auto next_tile = [&](std::uint32_t t) {
     t += kTile;
     if ((t - begin) % kBlock == 0) t += (kWarps - 1) * kBlock;
     return t;
   };
-  std::int64_t t = begin + warp * kBlock;
+  std::uint32_t t = begin + warp * kBlock;
   while (t + kTile <= lo_t) t = next_tile(t);
   if (t < hi_t) {
-    Tile cur = load_tile(t);
-    while (true) {
-      const std::int64_t tn = next_tile(t);
-      if constexpr (kPrefetch) {
-        Tile nxt;
-        if (tn < hi_t) nxt = load_tile(tn);
+    Tile a = load_tile(t, table_page(t));
+    std::uint32_t tn = next_tile(t);  // the next tile to load, and its page
+    std::int32_t tn_page = table_page(tn);
+    if constexpr (kPrefetch) {
+      // Tile `nxt` loads while `cur` computes; the two alternate, so no tile is copied.
+      Tile b;
+      auto step = [&](const Tile& cur, Tile& nxt) {
+        const bool more = tn < hi_t;
+        if (more) {
+          nxt = load_tile(tn, tn_page);
+          tn = next_tile(tn);
+          tn_page = table_page(tn);
+        }
         compute_tile(cur);
-        if (tn >= hi_t) break;
-        cur = nxt;
-      } else {
-        compute_tile(cur);
-        if (tn >= hi_t) break;
-        cur = load_tile(tn);
+        return more;
+      };
+      while (step(a, b) && step(b, a)) {
       }
-      t = tn;
+    } else {
+      while (true) {
+        compute_tile(a);
+        if (tn >= hi_t) break;
+        a = load_tile(tn, tn_page);
+        tn = next_tile(tn);
+        tn_page = table_page(tn);
+      }
     }
   }
 
   // The block's four warps merged (in order) into the chunk's partial.
 #pragma unroll
-  for (int m = 0; m < kM; ++m) {
-    l_run[m] = add_rn(l_run[m], __shfl_xor_sync(kFullMask, l_run[m], 1));
-    l_run[m] = add_rn(l_run[m], __shfl_xor_sync(kFullMask, l_run[m], 2));
-  }
+  for (int nt = 0; nt < kHeadTiles; ++nt)
+#pragma unroll
+    for (int col = 0; col < 2; ++col)
+#pragma unroll
+      for (int off = 4; off < kWarpSize; off *= 2)
+        l_run[nt][col] = add_rn(l_run[nt][col], __shfl_xor_sync(kFullMask, l_run[nt][col], off));
   __syncthreads();  // every warp is done with sm.query
 #pragma unroll
-  for (int m = 0; m < kM; ++m) {
-    const int row = r + 8 * m;
+  for (int nt = 0; nt < kHeadTiles; ++nt) {
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n)
+    for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) sm.merge.acc[warp][row][(2 * j + e) * (D / 8) + n] = acc[n][m][e];
-    if (j == 0) {
-      sm.merge.m[warp][row] = m_run[m];
-      sm.merge.l[warp][row] = l_run[m];
+      for (int e = 0; e < 4; ++e)
+        sm.merge.acc[warp][8 * nt + 2 * j + (e & 1)][r * (D / 8) + (e >> 1) * kMTiles + mt] = acc[mt][nt][e];
+    if (r == 0) {
+#pragma unroll
+      for (int col = 0; col < 2; ++col) {
+        sm.merge.m[warp][8 * nt + 2 * j + col] = m_run[nt][col];
+        sm.merge.l[warp][8 * nt + 2 * j + col] = l_run[nt][col];
+      }
     }
   }
   __syncthreads();
@@ -771,8 +838,9 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
 
 /// Whether decode_mma_kernel runs this call: an sm_80 or later GPU, fp16 / bf16, head dim 64,
 /// 128 or 256 (128 at most for groups over 8, whose twice as many rows need twice the
-/// registers), code pools at 8-byte aligned rows, and under kKeysPerChannelPage pages of a
-/// multiple of 16 tokens (a tile's keys under one page's scales).
+/// registers), code pools at 16-byte aligned rows whose pages span under 2 GiB of token rows,
+/// fewer than 2^31 scales, and under kKeysPerChannelPage pages of a multiple of 16 tokens (a
+/// tile's keys under one page's scales).
 template <class T>
 inline bool decode_takes_mma(const PagedCache& c, std::int64_t group, const DecodePlan& plan) {
   if constexpr (sizeof(T) != 2) {
@@ -783,11 +851,17 @@ inline bool decode_takes_mma(const PagedCache& c, std::int64_t group, const Deco
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 8)
       return false;
     auto aligned = [](const void* p, const PageStrides& s) {
-      return is_aligned(p, 8) && s.page_stride % 8 == 0 && s.token_stride % 8 == 0 && s.head_stride % 8 == 0;
+      return is_aligned(p, 16) && s.page_stride % 16 == 0 && s.token_stride % 16 == 0 && s.head_stride % 16 == 0;
     };
     const std::int64_t d = c.head_dim;
+    // 32-bit offsets within a page and scale indices (decode_mma_kernel's loads).
+    auto page_rows_32 = [&](const PageStrides& s) {
+      return s.token_stride >= 0 && c.page_size * s.token_stride < (std::int64_t{1} << 31);
+    };
+    const bool scales_32 = c.num_pages * c.page_size * c.kv_heads < (std::int64_t{1} << 31);
     return (d == 64 || d == 128 || d == 256) && (group <= 8 || d <= 128) && aligned(c.k_codes, c.k_strides) &&
-           aligned(c.v_codes, c.v_strides) && plan.split_tokens % DecodeMmaPolicy::kBlockTokens == 0 &&
+           aligned(c.v_codes, c.v_strides) && page_rows_32(c.k_strides) && page_rows_32(c.v_strides) && scales_32 &&
+           plan.split_tokens % DecodeMmaPolicy::kBlockTokens == 0 &&
            (c.scheme != PagedScheme::kKeysPerChannelPage || c.page_size % DecodeMmaPolicy::kTileTokens == 0);
   }
 }
@@ -810,11 +884,11 @@ cudaError_t launch_decode_attention(const T* q, const QueryRows& q_rows, const P
     if (mma) {
       const std::int64_t d = cache.head_dim;
       if (d == 64)
-        group <= 8 ? args(decode_mma_kernel<4, false, T>) : args(decode_mma_kernel<4, true, T>);
+        group <= 8 ? args(decode_mma_kernel<4, 1, T>) : args(decode_mma_kernel<4, 2, T>);
       else if (d == 128)
-        group <= 8 ? args(decode_mma_kernel<8, false, T>) : args(decode_mma_kernel<8, true, T>);
+        group <= 8 ? args(decode_mma_kernel<8, 1, T>) : args(decode_mma_kernel<8, 2, T>);
       else
-        args(decode_mma_kernel<16, false, T>);
+        args(decode_mma_kernel<16, 1, T>);
     }
   }
   if (!mma) {
