@@ -88,8 +88,8 @@ struct DecodeCase {
   }
 };
 
-/// The default workload's decode cases: the four shapes, per token-head, and B=8 T=32768
-/// with keys per channel per page.
+/// The default workload's decode cases: the four shapes, per token-head, B=8 T=32768 with
+/// keys per channel per page, and head dims 64, 80, 96, 256 and groups 1, 8, 16 at >= 256 MB of codes.
 std::vector<DecodeCase> decode_cases();
 
 /// A cache of random codes and scales (pages shuffled), queries, a plan and its workspace; the
