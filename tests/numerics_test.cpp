@@ -4,6 +4,7 @@
 // Every expected value here was worked out by hand (or is a bit pattern with a comment saying
 // why); none is computed by calling the function under test a second time.
 
+#include <kvq/detail/config.cuh>
 #include <kvq/numerics.hpp>
 #include <kvq/reference.hpp>
 
@@ -552,6 +553,28 @@ TEST(Contract, NonFiniteCountAccumulatesOncePerCall) {
   EXPECT_EQ(count, 16u);
   ASSERT_EQ(kvq::reference::quantize_with_scales(x.data(), s.data(), v, spec, q.data()), cudaSuccess);
   EXPECT_EQ(count, 19u);
+}
+
+TEST(FastDivmod, EqualsDivisionBelowTwoToThe31) {
+  // The kernels' division by a run-time constant (kvq/detail/config.cuh), on its host path: the
+  // same multiply and shift as __umulhi on the device.
+  std::mt19937 rng(7);
+  const std::uint32_t kMax = 0x7fffffffu;
+  for (std::uint32_t d : {1u, 2u, 3u, 5u, 7u, 8u, 16u, 48u, 63u, 64u, 80u, 96u, 100u, 127u, 128u, 255u, 256u, 1000u,
+                          4096u, 65535u, 65536u, 65537u, (1u << 20) + 1u, 1u << 30, (1u << 30) + 3u, kMax - 1u, kMax}) {
+    const kvq::detail::FastDivmod f(d);
+    std::vector<std::uint32_t> ns = {0u, 1u, d - 1u, d, d + 1u, kMax - 1u, kMax};
+    for (std::uint32_t k : {2u, 3u, 1000u, 1u << 16})
+      if (static_cast<std::uint64_t>(k) * d <= kMax) ns.insert(ns.end(), {k * d - 1u, k * d, k * d + 1u});
+    for (int i = 0; i < 20000; ++i) ns.push_back(rng() & kMax);
+    for (std::uint32_t n : ns) {
+      if (n > kMax) continue;
+      std::uint32_t q = 0, r = 0;
+      f.divmod(n, q, r);
+      ASSERT_EQ(q, n / d) << n << " / " << d;
+      ASSERT_EQ(r, n % d) << n << " % " << d;
+    }
+  }
 }
 
 }  // namespace
