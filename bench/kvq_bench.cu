@@ -541,14 +541,20 @@ void register_cases(bool (*wanted)(const Case&)) {
   }
 }
 
-/// The paged cases belong to the default workload (and to any filter that names them).
-void register_paged_cases() {
+/// The paged cases belong to the default workload (and to any filter that names them); the decode
+/// sweep (`every`) only to a filter.
+void register_paged_cases(bool every) {
   for (const PagedCase& c : paged_cases())
     benchmark::RegisterBenchmark(c.name().c_str(), [c](benchmark::State& s) { run_paged_case<PagedAppend>(s, c); })
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond)
         ->Iterations(c.decode ? 50 : 30);
-  for (const DecodeCase& c : decode_cases())
+  std::vector<DecodeCase> decode = decode_cases();
+  if (every) {
+    const std::vector<DecodeCase> sweep = decode_sweep_cases();
+    decode.insert(decode.end(), sweep.begin(), sweep.end());
+  }
+  for (const DecodeCase& c : decode)
     benchmark::RegisterBenchmark(c.name().c_str(), [c](benchmark::State& s) { run_paged_case<DecodeAttention>(s, c); })
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond)
@@ -844,7 +850,7 @@ int main(int argc, char** argv) {
 
   // A filter chooses among every case; otherwise the mode's own list is all that is registered.
   register_cases(filtered ? nullptr : paper ? in_paper_workload : in_default_workload);
-  if (filtered || !paper) register_paged_cases();
+  if (filtered || !paper) register_paged_cases(filtered);
 
   if (!listing) {
     int devices = 0;

@@ -88,9 +88,12 @@ struct DecodeCase {
   }
 };
 
-/// The default workload's decode cases: the four shapes, per token-head, B=8 T=32768 with
-/// keys per channel per page, and head dims 64, 80, 96, 256 and groups 1, 8, 16 at >= 256 MB of codes.
+/// The default workload's decode cases: the four shapes, per token-head, and B=8 T=32768
+/// with keys per channel per page.
 std::vector<DecodeCase> decode_cases();
+/// Head dims 64, 80, 96, 256 and groups 1, 8, 16 (B=8, each over >= 256 MB of codes): registered
+/// for a filter only (e.g. '^decode_attention/'), not in the default workload.
+std::vector<DecodeCase> decode_sweep_cases();
 
 /// A cache of random codes and scales (pages shuffled), queries, a plan and its workspace; the
 /// call run once and sequences 0 and batch - 1 compared with kvq::reference::decode_attention.
