@@ -290,7 +290,9 @@ struct DecodeMmaPolicy {
   static constexpr int kBlockTokens = 64;  // a warp's run of tiles (kDecodeSplitAlign)
   /// Blocks an SM, as make_decode_plan plans its waves (decode_blocks_per_sm): what the registers
   /// allow, a second tile in flight included, without spilling.
-  static constexpr int min_blocks_per_sm(int k_steps) { return static_cast<int>(decode_blocks_per_sm(16 * k_steps)); }
+  static constexpr int min_blocks_per_sm(int k_steps, int head_tiles) {
+    return static_cast<int>(decode_blocks_per_sm(16 * k_steps, 8 * head_tiles));
+  }
 };
 
 /// d = a b + c on the tensor cores: fp16 a (16 x 16) and b (16 x 8), fp32 c and d (16 x 8).
@@ -393,14 +395,14 @@ struct DecodeTileData {
 };
 
 template <int kSteps, int kHeadTiles, class T>
-KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_blocks_per_sm(kSteps))
+KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_blocks_per_sm(kSteps, kHeadTiles))
     decode_mma_kernel(const T* __restrict__ q, QueryRows q_rows,  // (batch, q_heads, head_dim)
                       PagedCache cache, SequenceTable seqs, float sm_scale, DecodePlan plan,
                       float* __restrict__ workspace, unsigned long long* error_count) {
   constexpr int D = 16 * kSteps, kRows = 8 * kHeadTiles, kMTiles = D / 16;
   constexpr int kWarps = DecodeMmaPolicy::kWarps, kTile = DecodeMmaPolicy::kTileTokens;
   constexpr int kBlock = DecodeMmaPolicy::kBlockTokens;
-  constexpr bool kPrefetch = kSteps <= 8 && kHeadTiles == 1;  // registers for a second tile
+  constexpr bool kPrefetch = false;
   using Tile = DecodeTileData<D>;
   union Smem {
     ScalarDecodeSmem<D> scalar;  // the full-precision block
@@ -533,6 +535,21 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
   // Where page_size % 16 == 0 a tile is one page, read from the table a tile before its loads
   // need it (-1 past the chunk); otherwise each token finds its own page.
   auto table_page = [&](std::uint32_t t0) -> std::int32_t { return page_tiles && t0 < hi_t ? table[page_index(t0)] : -1; };
+
+  // The tile's rows into L2 ahead of its loads (page_tiles): lane l takes token l % 16's key row
+  // (l < 16) or value row, and the line of that token's value (key) scale.
+  auto prefetch_tile = [&](std::uint32_t t0, std::int32_t page) {
+    if (!page_tiles || t0 >= hi_t || !in_pool(page)) return;
+    const std::uint32_t token = t0 - page_index(t0) * ps32 + static_cast<std::uint32_t>(lane % 16);
+    const bool key = lane < 16;
+    const std::int8_t* row = key ? cache.k_codes + h * kst.head_stride + page * kst.page_stride + token * k_ts
+                                 : cache.v_codes + h * vst.head_stride + page * vst.page_stride + token * v_ts;
+#pragma unroll
+    for (int b = 0; b < D; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + b));
+    const float* scale = (key || by_page ? cache.v_scales : cache.k_scales) +
+                         (static_cast<std::uint32_t>(page) * ps32 + token) * kvh + static_cast<std::uint32_t>(h);
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(scale));
+  };
 
   auto load_tile = [&](std::uint32_t t0, std::int32_t page) {
     Tile td;
@@ -748,12 +765,20 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       while (step(a, b) && step(b, a)) {
       }
     } else {
+      // One tile in registers; the one after next is prefetched into L2 (a line a lane) a tile
+      // before its loads, so they wait on L2 rather than on DRAM.
+      prefetch_tile(tn, tn_page);
+      std::uint32_t t2 = next_tile(tn);  // the tile after tn, and its page
+      std::int32_t t2_page = table_page(t2);
       while (true) {
         compute_tile(a);
         if (tn >= hi_t) break;
+        prefetch_tile(t2, t2_page);
         a = load_tile(tn, tn_page);
-        tn = next_tile(tn);
-        tn_page = table_page(tn);
+        tn = t2;
+        tn_page = t2_page;
+        t2 = next_tile(t2);
+        t2_page = table_page(t2);
       }
     }
   }
