@@ -462,16 +462,29 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
   uint4 (&frag)[kSteps][kHeadTiles][kWarpSize] = sm.query.frag[warp];
   bool q_has_lo = false;
   float score_scale = base_scale;
-  auto make_q = [&](const float* key_scales) {  // (head_dim) of this KV head, or null
-    auto q_at = [&](int nt, int c) {
-      const float x = sm.query.q[r + 8 * nt][c];
-      return key_scales != nullptr ? mul_rn(x, sanitize_scale(key_scales[c])) : x;
+  auto make_q = [&](const float* key_scales) {  // (head_dim) of this KV head (16-byte aligned), or null
+    // k-step s's channels: the four at j D/4 + 4 s, with their key scales as one 16-byte load.
+    auto q4 = [&](int nt, int s) {
+      const int c = j * (D / 4) + 4 * s;
+      const float* x = sm.query.q[r + 8 * nt] + c;
+      if (key_scales == nullptr) return make_float4(x[0], x[1], x[2], x[3]);
+      // Loaded again by the second pass (volatile): 4 registers live at a time, not D / 4.
+      float4 k;
+      asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(k.x), "=f"(k.y), "=f"(k.z), "=f"(k.w)
+                   : "l"(key_scales + c));
+      return make_float4(mul_rn(x[0], sanitize_scale(k.x)), mul_rn(x[1], sanitize_scale(k.y)),
+                         mul_rn(x[2], sanitize_scale(k.z)), mul_rn(x[3], sanitize_scale(k.w)));
     };
     std::uint32_t amax = 0;
 #pragma unroll
     for (int nt = 0; nt < kHeadTiles; ++nt)
 #pragma unroll
-      for (int c = 0; c < D / 4; ++c) amax = max(amax, float_bits(q_at(nt, j * (D / 4) + c)) & kAbsMask);
+      for (int s = 0; s < kSteps; ++s) {
+        const float4 x = q4(nt, s);
+        amax = max(amax, max(max(float_bits(x.x) & kAbsMask, float_bits(x.y) & kAbsMask),
+                             max(float_bits(x.z) & kAbsMask, float_bits(x.w) & kAbsMask)));
+      }
     amax = device::warp_max_bits(amax);
     // |x| < 2^(e - 126) for biased exponent e: times 2^(141 - e) it is below 2^15.
     const int e = min(max(static_cast<int>(amax >> 23), 15), 253), shift = 141 - e;
@@ -482,10 +495,10 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     for (int s = 0; s < kSteps; ++s)
 #pragma unroll
       for (int nt = 0; nt < kHeadTiles; ++nt) {
-        const int c = j * (D / 4) + 4 * s;
+        const float4 x = q4(nt, s);
         uint4 f;
-        split_half2(mul_rn(q_at(nt, c), up), mul_rn(q_at(nt, c + 1), up), f.x, f.z);
-        split_half2(mul_rn(q_at(nt, c + 2), up), mul_rn(q_at(nt, c + 3), up), f.y, f.w);
+        split_half2(mul_rn(x.x, up), mul_rn(x.y, up), f.x, f.z);
+        split_half2(mul_rn(x.z, up), mul_rn(x.w, up), f.y, f.w);
         lo_nonzero |= ((f.z | f.w) & 0x7fff7fffu) != 0;
         frag[s][nt][lane] = f;
       }
@@ -865,7 +878,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
 /// 128 or 256 (128 at most for groups over 8, whose twice as many rows need twice the
 /// registers), code pools at 16-byte aligned rows whose pages span under 2 GiB of token rows,
 /// fewer than 2^31 scales, and under kKeysPerChannelPage pages of a multiple of 16 tokens (a
-/// tile's keys under one page's scales).
+/// tile's keys under one page's scales) and 16-byte aligned key scales.
 template <class T>
 inline bool decode_takes_mma(const PagedCache& c, std::int64_t group, const DecodePlan& plan) {
   if constexpr (sizeof(T) != 2) {
@@ -887,7 +900,8 @@ inline bool decode_takes_mma(const PagedCache& c, std::int64_t group, const Deco
     return (d == 64 || d == 128 || d == 256) && (group <= 8 || d <= 128) && aligned(c.k_codes, c.k_strides) &&
            aligned(c.v_codes, c.v_strides) && page_rows_32(c.k_strides) && page_rows_32(c.v_strides) && scales_32 &&
            plan.split_tokens % DecodeMmaPolicy::kBlockTokens == 0 &&
-           (c.scheme != PagedScheme::kKeysPerChannelPage || c.page_size % DecodeMmaPolicy::kTileTokens == 0);
+           (c.scheme != PagedScheme::kKeysPerChannelPage ||
+            (c.page_size % DecodeMmaPolicy::kTileTokens == 0 && is_aligned(c.k_scales, 16)));
   }
 }
 
