@@ -102,9 +102,10 @@ constexpr std::int64_t kMaxDecodeHeadDim = 256;
 /// chunk's tokens in blocks of 64 (four tiles of 16).
 constexpr std::int64_t kDecodeSplitAlign = 64;
 
-/// Blocks of the decode kernels that run at once on an SM, by head dim (what their registers allow).
-constexpr std::int64_t decode_blocks_per_sm(std::int64_t head_dim) noexcept {
-  return head_dim <= 64 ? 4 : head_dim <= 128 ? 3 : 2;
+/// Blocks of the decode kernels that run at once on an SM, by head dim and group (what their
+/// registers allow: groups over 8 hold two tiles of query heads).
+constexpr std::int64_t decode_blocks_per_sm(std::int64_t head_dim, std::int64_t group) noexcept {
+  return group > 8 || head_dim > 128 ? 2 : 4;
 }
 
 /// A plan for `limits` on a GPU of `sm_count` SMs. The blocks run in waves of
@@ -123,7 +124,9 @@ inline DecodePlan make_decode_plan(const DecodeLimits& limits, int sm_count) noe
       limits.max_batch > 65535 || limits.kv_heads > 65535 || limits.max_seq_len > (std::int64_t{1} << 31))
     return p;  // grid.z, grid.y; lengths are int32
   constexpr std::int64_t kWarpsPerBlock = 4, kBlockCostTokens = 32, kMaxSplits = 1024;
-  const std::int64_t wave = decode_blocks_per_sm(limits.head_dim) * sm_count, blocks = limits.max_batch * limits.kv_heads;
+  const std::int64_t group = limits.q_heads / limits.kv_heads;
+  const std::int64_t wave = decode_blocks_per_sm(limits.head_dim, group) * sm_count,
+                     blocks = limits.max_batch * limits.kv_heads;
   const std::int64_t aligned_len = (limits.max_seq_len + kDecodeSplitAlign - 1) / kDecodeSplitAlign;
   std::int64_t best_cost = -1;
   for (std::int64_t s = 1; s <= std::min(kMaxSplits, aligned_len); ++s) {

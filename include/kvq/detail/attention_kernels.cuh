@@ -289,9 +289,10 @@ struct DecodeMmaPolicy {
   static constexpr int kTileTokens = 16;
   static constexpr int kBlockTokens = 64;  // a warp's run of tiles (kDecodeSplitAlign)
   /// Blocks an SM, as make_decode_plan plans its waves (decode_blocks_per_sm): what the registers
-  /// allow with a second tile in flight (at head dim 128: 168 registers, with about 120 bytes of
-  /// spill a thread, for 12 warps an SM).
-  static constexpr int min_blocks_per_sm(int k_steps) { return static_cast<int>(decode_blocks_per_sm(16 * k_steps)); }
+  /// allow (at head dim 128: 128 registers, about 12 bytes of spill a thread).
+  static constexpr int min_blocks_per_sm(int k_steps, int head_tiles) {
+    return static_cast<int>(decode_blocks_per_sm(16 * k_steps, 8 * head_tiles));
+  }
 };
 
 /// d = a b + c on the tensor cores: fp16 a (16 x 16) and b (16 x 8), fp32 c and d (16 x 8).
@@ -394,14 +395,14 @@ struct DecodeTileData {
 };
 
 template <int kSteps, int kHeadTiles, class T>
-KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_blocks_per_sm(kSteps))
+KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_blocks_per_sm(kSteps, kHeadTiles))
     decode_mma_kernel(const T* __restrict__ q, QueryRows q_rows,  // (batch, q_heads, head_dim)
                       PagedCache cache, SequenceTable seqs, float sm_scale, DecodePlan plan,
                       float* __restrict__ workspace, unsigned long long* error_count) {
   constexpr int D = 16 * kSteps, kRows = 8 * kHeadTiles, kMTiles = D / 16;
   constexpr int kWarps = DecodeMmaPolicy::kWarps, kTile = DecodeMmaPolicy::kTileTokens;
   constexpr int kBlock = DecodeMmaPolicy::kBlockTokens;
-  constexpr bool kPrefetch = kSteps <= 8 && kHeadTiles == 1;  // registers for a second tile
+  constexpr bool kPrefetch = false;
   using Tile = DecodeTileData<D>;
   union Smem {
     ScalarDecodeSmem<D> scalar;  // the full-precision block
@@ -461,16 +462,29 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
   uint4 (&frag)[kSteps][kHeadTiles][kWarpSize] = sm.query.frag[warp];
   bool q_has_lo = false;
   float score_scale = base_scale;
-  auto make_q = [&](const float* key_scales) {  // (head_dim) of this KV head, or null
-    auto q_at = [&](int nt, int c) {
-      const float x = sm.query.q[r + 8 * nt][c];
-      return key_scales != nullptr ? mul_rn(x, sanitize_scale(key_scales[c])) : x;
+  auto make_q = [&](const float* key_scales) {  // (head_dim) of this KV head (16-byte aligned), or null
+    // k-step s's channels: the four at j D/4 + 4 s, with their key scales as one 16-byte load.
+    auto q4 = [&](int nt, int s) {
+      const int c = j * (D / 4) + 4 * s;
+      const float* x = sm.query.q[r + 8 * nt] + c;
+      if (key_scales == nullptr) return make_float4(x[0], x[1], x[2], x[3]);
+      // Loaded again by the second pass (volatile): 4 registers live at a time, not D / 4.
+      float4 k;
+      asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(k.x), "=f"(k.y), "=f"(k.z), "=f"(k.w)
+                   : "l"(key_scales + c));
+      return make_float4(mul_rn(x[0], sanitize_scale(k.x)), mul_rn(x[1], sanitize_scale(k.y)),
+                         mul_rn(x[2], sanitize_scale(k.z)), mul_rn(x[3], sanitize_scale(k.w)));
     };
     std::uint32_t amax = 0;
 #pragma unroll
     for (int nt = 0; nt < kHeadTiles; ++nt)
 #pragma unroll
-      for (int c = 0; c < D / 4; ++c) amax = max(amax, float_bits(q_at(nt, j * (D / 4) + c)) & kAbsMask);
+      for (int s = 0; s < kSteps; ++s) {
+        const float4 x = q4(nt, s);
+        amax = max(amax, max(max(float_bits(x.x) & kAbsMask, float_bits(x.y) & kAbsMask),
+                             max(float_bits(x.z) & kAbsMask, float_bits(x.w) & kAbsMask)));
+      }
     amax = device::warp_max_bits(amax);
     // |x| < 2^(e - 126) for biased exponent e: times 2^(141 - e) it is below 2^15.
     const int e = min(max(static_cast<int>(amax >> 23), 15), 253), shift = 141 - e;
@@ -481,10 +495,10 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     for (int s = 0; s < kSteps; ++s)
 #pragma unroll
       for (int nt = 0; nt < kHeadTiles; ++nt) {
-        const int c = j * (D / 4) + 4 * s;
+        const float4 x = q4(nt, s);
         uint4 f;
-        split_half2(mul_rn(q_at(nt, c), up), mul_rn(q_at(nt, c + 1), up), f.x, f.z);
-        split_half2(mul_rn(q_at(nt, c + 2), up), mul_rn(q_at(nt, c + 3), up), f.y, f.w);
+        split_half2(mul_rn(x.x, up), mul_rn(x.y, up), f.x, f.z);
+        split_half2(mul_rn(x.z, up), mul_rn(x.w, up), f.y, f.w);
         lo_nonzero |= ((f.z | f.w) & 0x7fff7fffu) != 0;
         frag[s][nt][lane] = f;
       }
@@ -534,6 +548,21 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
   // Where page_size % 16 == 0 a tile is one page, read from the table a tile before its loads
   // need it (-1 past the chunk); otherwise each token finds its own page.
   auto table_page = [&](std::uint32_t t0) -> std::int32_t { return page_tiles && t0 < hi_t ? table[page_index(t0)] : -1; };
+
+  // The tile's rows into L2 ahead of its loads (page_tiles): lane l takes token l % 16's key row
+  // (l < 16) or value row, and the line of that token's value (key) scale.
+  auto prefetch_tile = [&](std::uint32_t t0, std::int32_t page) {
+    if (!page_tiles || t0 >= hi_t || !in_pool(page)) return;
+    const std::uint32_t token = t0 - page_index(t0) * ps32 + static_cast<std::uint32_t>(lane % 16);
+    const bool key = lane < 16;
+    const std::int8_t* row = key ? cache.k_codes + h * kst.head_stride + page * kst.page_stride + token * k_ts
+                                 : cache.v_codes + h * vst.head_stride + page * vst.page_stride + token * v_ts;
+#pragma unroll
+    for (int b = 0; b < D; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + b));
+    const float* scale = (key || by_page ? cache.v_scales : cache.k_scales) +
+                         (static_cast<std::uint32_t>(page) * ps32 + token) * kvh + static_cast<std::uint32_t>(h);
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(scale));
+  };
 
   auto load_tile = [&](std::uint32_t t0, std::int32_t page) {
     Tile td;
@@ -749,12 +778,20 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       while (step(a, b) && step(b, a)) {
       }
     } else {
+      // One tile in registers; the one after next is prefetched into L2 (a line a lane) a tile
+      // before its loads, so they wait on L2 rather than on DRAM.
+      prefetch_tile(tn, tn_page);
+      std::uint32_t t2 = next_tile(tn);  // the tile after tn, and its page
+      std::int32_t t2_page = table_page(t2);
       while (true) {
         compute_tile(a);
         if (tn >= hi_t) break;
+        prefetch_tile(t2, t2_page);
         a = load_tile(tn, tn_page);
-        tn = next_tile(tn);
-        tn_page = table_page(tn);
+        tn = t2;
+        tn_page = t2_page;
+        t2 = next_tile(t2);
+        t2_page = table_page(t2);
       }
     }
   }
@@ -841,7 +878,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
 /// 128 or 256 (128 at most for groups over 8, whose twice as many rows need twice the
 /// registers), code pools at 16-byte aligned rows whose pages span under 2 GiB of token rows,
 /// fewer than 2^31 scales, and under kKeysPerChannelPage pages of a multiple of 16 tokens (a
-/// tile's keys under one page's scales).
+/// tile's keys under one page's scales) and 16-byte aligned key scales.
 template <class T>
 inline bool decode_takes_mma(const PagedCache& c, std::int64_t group, const DecodePlan& plan) {
   if constexpr (sizeof(T) != 2) {
@@ -863,7 +900,8 @@ inline bool decode_takes_mma(const PagedCache& c, std::int64_t group, const Deco
     return (d == 64 || d == 128 || d == 256) && (group <= 8 || d <= 128) && aligned(c.k_codes, c.k_strides) &&
            aligned(c.v_codes, c.v_strides) && page_rows_32(c.k_strides) && page_rows_32(c.v_strides) && scales_32 &&
            plan.split_tokens % DecodeMmaPolicy::kBlockTokens == 0 &&
-           (c.scheme != PagedScheme::kKeysPerChannelPage || c.page_size % DecodeMmaPolicy::kTileTokens == 0);
+           (c.scheme != PagedScheme::kKeysPerChannelPage ||
+            (c.page_size % DecodeMmaPolicy::kTileTokens == 0 && is_aligned(c.k_scales, 16)));
   }
 }
 
