@@ -166,12 +166,25 @@ inline bool append_takes_rows(const T* k_new, const T* v_new, const TokenRows& r
 // whose rows reuse the buffer's) is ordered by giving those writes to the closer, after its reads:
 // each lane reads and writes only its own channels, so program order is enough.
 
-/// Whether token j is written (the reference's detail::valid_token).
+/// x / d and x % d (C++'s, truncating) for d = f.divisor: by FastDivmod where 0 <= x < 2^31,
+/// the common case, and by `/` elsewhere.
+struct Int64Divmod {
+  FastDivmod f;
+  std::int64_t d = 1;
+  Int64Divmod() = default;
+  explicit Int64Divmod(std::int64_t divisor)
+      : f(static_cast<std::uint32_t>(std::min<std::int64_t>(divisor, INT32_MAX))), d(divisor) {}
+  __device__ std::int64_t div(std::int64_t x) const {
+    return x >= 0 && x <= INT32_MAX && d <= INT32_MAX ? std::int64_t{f.div(static_cast<std::uint32_t>(x))} : x / d;
+  }
+  __device__ std::int64_t mod(std::int64_t x) const { return x - div(x) * d; }
+};
+
+/// Whether token j is written (the reference's detail::valid_token); `page` divides by page_size.
 __device__ inline bool paged_valid_token(const PagedCache& c, const std::int64_t* slots, const TokenPositions& tp,
-                                         std::int64_t j) {
+                                         std::int64_t j, const Int64Divmod& page) {
   const std::int64_t slot = slots[j], seq = tp.seq_ids[j], pos = tp.positions[j];
-  return slot >= 0 && slot < c.slots() && seq >= 0 && seq < c.max_seqs && pos >= 0 &&
-         pos % c.page_size == slot % c.page_size;
+  return slot >= 0 && slot < c.slots() && seq >= 0 && seq < c.max_seqs && pos >= 0 && page.mod(pos) == page.mod(slot);
 }
 
 template <int kLanes, class T>
@@ -182,6 +195,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
                              TokenPositions tp,                              // (tokens) each
                              PagedCache cache,
                              bool vectors,  // append_takes_rows, and k_open 16-byte aligned
+                             Int64Divmod page_div, Int64Divmod head_div,  // by page_size, by kv_heads
                              unsigned long long* error_count) {  // optional
   constexpr int V = 16 / sizeof(T);
   const auto g = device::RowLanes<kLanes>::this_thread();
@@ -192,14 +206,14 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   T* const open = static_cast<T*>(cache.k_open);
   for (std::int64_t i = blockIdx.x * groups_per_block + threadIdx.x / kLanes; i < n; i += stride) {
     const bool is_v = i & 1;
-    const std::int64_t th = i >> 1, t = th / cache.kv_heads, h = th % cache.kv_heads;
+    const std::int64_t th = i >> 1, t = head_div.div(th), h = th - t * cache.kv_heads;
     const std::int64_t slot = slot_mapping[t];
     if (slot < 0) continue;  // padding
-    if (!paged_valid_token(cache, slot_mapping, tp, t)) {  // untrusted: skipped, counted once per token
+    if (!paged_valid_token(cache, slot_mapping, tp, t, page_div)) {  // untrusted: skipped, counted once per token
       if (error_count != nullptr && !is_v && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
       continue;
     }
-    const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], page = slot / ps;
+    const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], page = page_div.div(slot), slot_offset = slot - page * ps;
     const T* x = (is_v ? v_new : k_new) + t * rows.token_stride + h * rows.head_stride;
     if (pos < cache.sink_tokens) {
       T* sink = static_cast<T*>(is_v ? cache.v_sink : cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
@@ -207,16 +221,16 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     }
     if (is_v) {
       const PageStrides& s = cache.v_strides;
-      device::quantize_row(g, x, d, cache.v_codes + page * s.page_stride + (slot % ps) * s.token_stride + h * s.head_stride,
+      device::quantize_row(g, x, d, cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride,
                            cache.v_scales + cache.scale_offset(slot, h));
       continue;
     }
     // Whether row j continues t's run: the same sequence at the position j - t further on.
     auto member = [&](std::int64_t jr) {
-      return jr >= 0 && jr < rows.tokens && paged_valid_token(cache, slot_mapping, tp, jr) && tp.seq_ids[jr] == seq &&
+      return jr >= 0 && jr < rows.tokens && paged_valid_token(cache, slot_mapping, tp, jr, page_div) && tp.seq_ids[jr] == seq &&
              tp.positions[jr] == pos + (jr - t);
     };
-    const std::int64_t offset = pos % ps, page_index = pos / ps, start = page_index * ps;
+    const std::int64_t page_index = page_div.div(pos), offset = pos - page_index * ps, start = page_index * ps;
     auto new_row = [&](std::int64_t q) {  // k_new's row of position q of the run, this head
       return k_new + (t + (q - pos)) * rows.token_stride + h * rows.head_stride;
     };
@@ -245,7 +259,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
         else out = mid;
       }
       const std::int64_t first_pos = pos - (t - in);
-      const bool straddle = first_pos / ps != page_index && first_pos % ps != 0;
+      const bool straddle = page_div.div(first_pos) != page_index && page_div.mod(first_pos) != 0;
       if (!straddle) copy_row(open + cache.open_offset(seq, offset, h, 0), x);
       continue;
     }
@@ -275,15 +289,15 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
         else out = mid;
       }
       const std::int64_t last_pos = pos + (in - t);
-      if (last_pos / ps != page_index && (last_pos + 1) % ps != 0) {
-        open_from = last_pos / ps * ps;
+      if (page_div.div(last_pos) != page_index && page_div.mod(last_pos + 1) != 0) {
+        open_from = page_div.div(last_pos) * ps;
         open_to = last_pos;
       }
     }
     const PageStrides& s = cache.k_strides;
     std::int8_t* const codes = cache.k_codes + page * s.page_stride + h * s.head_stride;
     auto key_row = [&](std::int64_t q) {
-      return q < old_end ? open + cache.open_offset(seq, q % ps, h, 0) : new_row(q);
+      return q < old_end ? open + cache.open_offset(seq, q - start, h, 0) : new_row(q);  // q in [start, pos]
     };
     const std::int64_t first_scaled = max(start, cache.sink_tokens);
     if (vectors) {
@@ -322,10 +336,10 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
           cache.k_scales[cache.channel_scale_offset(page, h, u * V + e)] = sc[e];
         }
         for_each_key(u, start, [&](std::int64_t q, const Fragment<T, V>& x) {
-          device::store<V>(codes + (q % ps) * s.token_stride + u * V, device::quantize<V>(x, sc, rs));
+          device::store<V>(codes + (q - start) * s.token_stride + u * V, device::quantize<V>(x, sc, rs));
         });
         for (std::int64_t q = open_from; q <= open_to; ++q)  // after this unit's reads
-          device::store<V>(open + cache.open_offset(seq, q % ps, h, u * V), device::load<V>(new_row(q) + u * V));
+          device::store<V>(open + cache.open_offset(seq, q - open_from, h, u * V), device::load<V>(new_row(q) + u * V));
       }
       continue;
     }
@@ -335,9 +349,9 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
       for (std::int64_t q = first_scaled; q <= pos; ++q) amax = max(amax, finite_abs_bits(key(q)));
       const float scale = scale_from_amax(bits_to_float(amax));
       cache.k_scales[cache.channel_scale_offset(page, h, c)] = scale;
-      for (std::int64_t q = start; q <= pos; ++q) codes[(q % ps) * s.token_stride + c] = quantize_value(key(q), scale);
+      for (std::int64_t q = start; q <= pos; ++q) codes[(q - start) * s.token_stride + c] = quantize_value(key(q), scale);
       for (std::int64_t q = open_from; q <= open_to; ++q)  // after this channel's reads
-        open[cache.open_offset(seq, q % ps, h, c)] = new_row(q)[c];
+        open[cache.open_offset(seq, q - open_from, h, c)] = new_row(q)[c];
     }
   }
 }
@@ -463,7 +477,8 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
   const bool vectors = append_takes_rows(k_new, v_new, rows, cache) && is_aligned(cache.k_open, 16);
   return launch_by_lanes<T>(rows.tokens * cache.kv_heads * 2, cache.head_dim, [&](auto lanes, unsigned grid) {
     append_kv_by_page_kernel<decltype(lanes)::value, T><<<grid, PagedPolicy::kThreads, 0, stream>>>(
-        k_new, v_new, rows, slot_mapping, tp, cache, vectors, error_count);
+        k_new, v_new, rows, slot_mapping, tp, cache, vectors, Int64Divmod(cache.page_size), Int64Divmod(cache.kv_heads),
+        error_count);
   });
 }
 
