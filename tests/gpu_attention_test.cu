@@ -192,6 +192,14 @@ TYPED_TEST(GpuDecodeAttention, MatchesTheReferenceOverShapesSchemesAndLayouts) {
       check_case<T>(AttentionCase{PoolLayout::kHnd, true, page_size, 2, group, 128, {5, 640, 2049}}, sms);
       if (::testing::Test::HasFatalFailure()) return;
     }
+  // Head dims whose lanes read a main and a tail run of each row (HND rows are 16-byte aligned:
+  // the tensor-core path), with groups over 8 (two tiles of query heads).
+  for (std::int64_t dim : {80, 96})
+    for (bool by_page : {false, true}) {
+      check_case<T>(AttentionCase{PoolLayout::kHnd, by_page, 16, 2, 16, dim, {5, 640, 2049}}, sms);
+      check_case<T>(AttentionCase{PoolLayout::kInterleavedNhd, by_page, 64, 3, 12, dim, {1, 300}}, sms);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
   // One long sequence: the plan splits it across the GPU.
   check_case<T>(AttentionCase{PoolLayout::kNhdPadded, false, 64, 8, 4, 128, {small_shapes() ? 4096 : 32768}}, sms);
 }

@@ -274,20 +274,24 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
 // the group's query heads are the 8 columns (two n-tiles of them for groups over 8). The sums
 // over k are free to visit channels and tokens in any order, so each lane's operands come from
 // contiguous bytes of the pool:
-//   S^T = K Q^T, per k-step: A = K, B = Q^T. Lane (r, j) reads tokens r and r + 8, key bytes
-//     [j D/4, (j + 1) D/4); word s of them is k-step s's columns 2j, 2j + 1 (its first two codes)
-//     and 2j + 8, 2j + 9 (the last two); Q^T's fragment takes the same channels. C: the scores of
-//     tokens r and r + 8 for heads 2j, 2j + 1, so a head's softmax is over lanes of one j.
+//   S^T = K Q^T, per k-step: A = K, B = Q^T. Lane (r, j) reads tokens r and r + 8, D/4 key bytes
+//     (DecodeLaneBytes::key_channel); word s of them is k-step s's columns 2j, 2j + 1 (its first
+//     two codes) and 2j + 8, 2j + 9 (the last two); Q^T's fragment takes the same channels. C: the
+//     scores of tokens r and r + 8 for heads 2j, 2j + 1, so a head's softmax is over lanes of one j.
 //   O^T += V^T P^T, per m-tile of 16 channels: A = V^T, B = P^T, k = the tile's tokens. Lane
-//     (r, j) reads tokens 2j, 2j + 1, 2j + 8, 2j + 9, value bytes [r D/8, (r + 1) D/8); byte mt of
+//     (r, j) reads tokens 2j, 2j + 1, 2j + 8, 2j + 9, D/8 value bytes (value_channel); byte mt of
 //     them is m-tile mt's row r, byte D/16 + mt its row r + 8. P^T's fragment is S^T's C fragment
-//     transposed, 8 x 8 at a time (movmatrix). C: channels r D/8 + mt and r D/8 + D/16 + mt for
-//     heads 2j, 2j + 1, the columns whose softmax state the lane holds.
+//     transposed, 8 x 8 at a time (movmatrix). C: those channels for heads 2j, 2j + 1, the columns
+//     whose softmax state the lane holds.
 
 struct DecodeMmaPolicy {
   static constexpr int kWarps = DecodePolicy::kWarps;
   static constexpr int kTileTokens = 16;
   static constexpr int kBlockTokens = 64;  // a warp's run of tiles (kDecodeSplitAlign)
+  /// How far ahead of its loads a tile is prefetched into L2, in a warp's tiles (where one tile is
+  /// in registers): at 4 blocks of 4 warps an SM, 2 tiles of 4 KB (head dim 128) each warp hold
+  /// 17 MB of the 60 MB L2.
+  static constexpr int kPrefetchTiles = 2;
   /// Blocks an SM, as make_decode_plan plans its waves (decode_blocks_per_sm): what the registers
   /// allow (at head dim 128: 128 registers, about 12 bytes of spill a thread).
   static constexpr int min_blocks_per_sm(int k_steps, int head_tiles) {
@@ -335,27 +339,74 @@ __device__ inline void codes_to_half2(std::uint32_t w, std::uint32_t& c01, std::
 /// 2^e for e in [-126, 127].
 __device__ inline float exp2_int(int e) { return __uint_as_float(static_cast<std::uint32_t>(e + 127) << 23); }
 
-/// kWords words of codes from p: 16-byte loads when kWords is a multiple of 4, else 8-byte (p
-/// 16-byte aligned, as decode_takes_mma requires).
-template <int kWords>
-__device__ inline void load_words(std::uint32_t (&w)[kWords], const std::int8_t* p) {
-  if constexpr (kWords % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < kWords; i += 4) {
-      const uint4 x = *reinterpret_cast<const uint4*>(p + 4 * i);
-      w[i] = x.x;
-      w[i + 1] = x.y;
-      w[i + 2] = x.z;
-      w[i + 3] = x.w;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kWords; i += 2) {
-      const uint2 x = *reinterpret_cast<const uint2*>(p + 4 * i);
-      w[i] = x.x;
-      w[i + 1] = x.y;
-    }
+constexpr int floor_pow2(int x) { return x < 2 ? x : 2 * floor_pow2(x / 2); }
+
+/// Which channels of a row each lane reads, for head dims that are multiples of 16. A lane's D/4
+/// key bytes (D/8 value bytes) are a main run, a power of two of them, contiguous across lanes and
+/// as aligned as its length, then the rest in a tail run after all lanes' main runs: at head dims
+/// 64, 128, 256 only the main run (one row in 16-byte loads); at 80 and 96 a 16-byte key load and
+/// an 8-byte value load, then 4 or 8 key bytes and 2 or 4 value bytes.
+template <int kDim>
+struct DecodeLaneBytes {
+  static_assert(kDim % 16 == 0, "the tensor-core path takes head dims of 16 k");
+  static constexpr int kKeyWords = kDim / 16;  // a k-step each
+  static constexpr int kKeyMainWords = floor_pow2(kKeyWords), kKeyTailWords = kKeyWords - kKeyMainWords;
+  static constexpr int kValueBytes = kDim / 8;
+  static constexpr int kValueMainBytes = floor_pow2(kValueBytes), kValueTailBytes = kValueBytes - kValueMainBytes;
+  static constexpr int kValueWords = (kValueBytes + 3) / 4;  // the tail from word kValueMainBytes / 4 on
+  static_assert(kKeyTailWords <= 2 && (kValueTailBytes == 0 || kValueTailBytes == 2 || kValueTailBytes == 4),
+                "tails a single load each (head dims 64, 80, 96, 128, 256, ...)");
+  /// Key word s of lane j: channels key_channel(j, s) to key_channel(j, s) + 3.
+  __host__ __device__ static constexpr int key_channel(int j, int s) {
+    return s < kKeyMainWords ? 4 * (j * kKeyMainWords + s) : 4 * (4 * kKeyMainWords + j * kKeyTailWords + s - kKeyMainWords);
   }
+  /// Value byte i of lane r.
+  __host__ __device__ static constexpr int value_channel(int r, int i) {
+    return i < kValueMainBytes ? r * kValueMainBytes + i : 8 * kValueMainBytes + r * kValueTailBytes + i - kValueMainBytes;
+  }
+};
+
+/// kBytes bytes of codes from p into words kFirst on of w (the last one's high bytes 0 where
+/// kBytes is 2): in 16-byte loads when kBytes is a multiple of 16, else in one load of 8, 4 or 2
+/// bytes (p aligned to it: DecodeLaneBytes' runs, in rows decode_takes_mma requires 16-byte aligned).
+template <int kBytes, int kFirst, int kWords>
+__device__ inline void load_bytes(std::uint32_t (&w)[kWords], const std::int8_t* p) {
+  static_assert(kFirst + (kBytes + 3) / 4 <= kWords, "the run fits the words");
+  if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < kBytes / 4; i += 4) {
+      const uint4 x = *reinterpret_cast<const uint4*>(p + 4 * i);
+      w[kFirst + i] = x.x;
+      w[kFirst + i + 1] = x.y;
+      w[kFirst + i + 2] = x.z;
+      w[kFirst + i + 3] = x.w;
+    }
+  } else if constexpr (kBytes == 8) {
+    const uint2 x = *reinterpret_cast<const uint2*>(p);
+    w[kFirst] = x.x;
+    w[kFirst + 1] = x.y;
+  } else if constexpr (kBytes == 4) {
+    w[kFirst] = *reinterpret_cast<const std::uint32_t*>(p);
+  } else {
+    static_assert(kBytes == 2, "runs of 2, 4, 8 or 16 k bytes");
+    w[kFirst] = *reinterpret_cast<const unsigned short*>(p);
+  }
+}
+/// A lane's key bytes of a row: p points at its main run, p + tail at its tail run.
+template <int kDim>
+__device__ inline void load_key_bytes(std::uint32_t (&w)[DecodeLaneBytes<kDim>::kKeyWords], const std::int8_t* p,
+                                      int tail) {
+  using L = DecodeLaneBytes<kDim>;
+  load_bytes<4 * L::kKeyMainWords, 0>(w, p);
+  if constexpr (L::kKeyTailWords > 0) load_bytes<4 * L::kKeyTailWords, L::kKeyMainWords>(w, p + tail);
+}
+/// A lane's value bytes of a row, as load_key_bytes.
+template <int kDim>
+__device__ inline void load_value_bytes(std::uint32_t (&w)[DecodeLaneBytes<kDim>::kValueWords], const std::int8_t* p,
+                                        int tail) {
+  using L = DecodeLaneBytes<kDim>;
+  load_bytes<L::kValueMainBytes, 0>(w, p);
+  if constexpr (L::kValueTailBytes > 0) load_bytes<L::kValueTailBytes, L::kValueMainBytes / 4>(w, p + tail);
 }
 template <int kWords>
 __device__ inline void zero_words(std::uint32_t (&w)[kWords]) {
@@ -383,9 +434,9 @@ __device__ inline std::uint32_t transpose_8x8(std::uint32_t x) {
 /// One tile's operands for one lane, loaded ahead of its arithmetic.
 template <int kDim>
 struct DecodeTileData {
-  static constexpr int kKeyWords = kDim / 16, kValueWords = kDim / 32;
-  std::uint32_t k[2][kKeyWords];    // tokens r, 8 + r: key bytes [j D/4, (j + 1) D/4)
-  std::uint32_t v[4][kValueWords];  // tokens 2j, 2j + 1, 2j + 8, 2j + 9: value bytes [r D/8, (r + 1) D/8)
+  static constexpr int kKeyWords = DecodeLaneBytes<kDim>::kKeyWords, kValueWords = DecodeLaneBytes<kDim>::kValueWords;
+  std::uint32_t k[2][kKeyWords];    // tokens r, 8 + r: lane j's key bytes
+  std::uint32_t v[4][kValueWords];  // tokens 2j, 2j + 1, 2j + 8, 2j + 9: lane r's value bytes
   // Tokens r, 8 + r: their scales as stored (k_scale: kPerTokenHead), sanitized where they are
   // used, so that nothing waits on the loads before the tile's turn; bit i: token i is valid.
   float k_scale[2], v_scale[2];
@@ -402,10 +453,14 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
   constexpr int D = 16 * kSteps, kRows = 8 * kHeadTiles, kMTiles = D / 16;
   constexpr int kWarps = DecodeMmaPolicy::kWarps, kTile = DecodeMmaPolicy::kTileTokens;
   constexpr int kBlock = DecodeMmaPolicy::kBlockTokens;
-  constexpr bool kPrefetch = false;
+  // Up to head dim 64 a second tile fits in the registers (128 at 4 blocks an SM) and loads while
+  // the first computes; above, one tile is in registers and the one after next is prefetched to L2.
+  constexpr bool kTwoTiles = D <= 64;
   using Tile = DecodeTileData<D>;
+  using Lane = DecodeLaneBytes<D>;
+  constexpr int kScalarDim = (D + kWarpSize - 1) / kWarpSize * kWarpSize;  // decode_block_scalar's lanes
   union Smem {
-    ScalarDecodeSmem<D> scalar;  // the full-precision block
+    ScalarDecodeSmem<kScalarDim> scalar;  // the full-precision block
     struct {
       float q[kRows][D];  // the group's queries, as given
       // Each lane's B fragments of Q^T per k-step: {hi rows 2j.., hi rows 2j+8.., lo .., lo ..} of
@@ -429,7 +484,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
   if (blockIdx.x == plan.splits) {  // kKeysPerChannelPage: the sinks and the open page, in full precision
     const std::int64_t open = max(sq.len / ps * ps, min(cache.sink_tokens, sq.len));
     const TokenRange ranges[2] = {{0, min(cache.sink_tokens, sq.len)}, {open, sq.len}};
-    decode_block_scalar<D>(sm.scalar, q, q_rows, cache, seqs, sm_scale, plan, workspace, error_count, b, h, sq, ranges,
+    decode_block_scalar<kScalarDim>(sm.scalar, q, q_rows, cache, seqs, sm_scale, plan, workspace, error_count, b, h, sq, ranges,
                            2, plan.splits);
     return;
   }
@@ -465,7 +520,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
   auto make_q = [&](const float* key_scales) {  // (head_dim) of this KV head (16-byte aligned), or null
     // k-step s's channels: the four at j D/4 + 4 s, with their key scales as one 16-byte load.
     auto q4 = [&](int nt, int s) {
-      const int c = j * (D / 4) + 4 * s;
+      const int c = Lane::key_channel(j, s);
       const float* x = sm.query.q[r + 8 * nt] + c;
       if (key_scales == nullptr) return make_float4(x[0], x[1], x[2], x[3]);
       // Loaded again by the second pass (volatile): 4 registers live at a time, not D / 4.
@@ -533,8 +588,10 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
   // offsets within a page and scale indices are 32-bit (lengths are int32; decode_takes_mma
   // checks that a page's rows and the scale arrays are under 2^31).
   const PageStrides &kst = cache.k_strides, &vst = cache.v_strides;
-  const std::int8_t* const k_lane = cache.k_codes + h * kst.head_stride + j * (D / 4);
-  const std::int8_t* const v_lane = cache.v_codes + h * vst.head_stride + r * (D / 8);
+  const std::int8_t* const k_lane = cache.k_codes + h * kst.head_stride + Lane::key_channel(j, 0);
+  const std::int8_t* const v_lane = cache.v_codes + h * vst.head_stride + Lane::value_channel(r, 0);
+  const int k_tail = Lane::key_channel(j, Lane::kKeyMainWords) - Lane::key_channel(j, 0);
+  const int v_tail = Lane::value_channel(r, Lane::kValueMainBytes) - Lane::value_channel(r, 0);
   const std::uint32_t ps32 = static_cast<std::uint32_t>(min(ps, std::int64_t{1} << 31));
   const std::uint32_t k_ts = static_cast<std::uint32_t>(kst.token_stride), v_ts = static_cast<std::uint32_t>(vst.token_stride);
   const std::uint32_t kvh = static_cast<std::uint32_t>(cache.kv_heads);
@@ -559,6 +616,8 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
                                  : cache.v_codes + h * vst.head_stride + page * vst.page_stride + token * v_ts;
 #pragma unroll
     for (int b = 0; b < D; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + b));
+    if constexpr (D % 128 != 0 && D > 64)  // a row of 80 or 96 bytes may end in the next line
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(row + D - 1));
     const float* scale = (key || by_page ? cache.v_scales : cache.k_scales) +
                          (static_cast<std::uint32_t>(page) * ps32 + token) * kvh + static_cast<std::uint32_t>(h);
     asm volatile("prefetch.global.L2 [%0];" ::"l"(scale));
@@ -575,9 +634,9 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     }
     const bool tile_in_pool = page_tiles && in_pool(td.page);
     if (by_page && tile_in_pool) {  // the page's key scales, for make_q a tile later
-      const float* ks = cache.k_scales + cache.channel_scale_offset(td.page, h, j * (D / 4));
+      const float* ks = cache.k_scales + cache.channel_scale_offset(td.page, h, Lane::key_channel(j, 0));
       asm volatile("prefetch.global.L1 [%0];" ::"l"(ks));
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(ks + D / 4 - 1));
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(ks + (Lane::key_channel(j, Lane::kKeyWords - 1) + 3 - Lane::key_channel(j, 0))));
     }
     if (tile_in_pool && t0 >= lo_t && t0 + kTile <= hi_t) {  // the common case: a whole tile of one page
       const std::int8_t* const k_page = k_lane + td.page * kst.page_stride;
@@ -585,14 +644,14 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       const std::uint32_t scale_tile = (static_cast<std::uint32_t>(td.page) * ps32 + tile_off) * kvh + static_cast<std::uint32_t>(h);
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        load_words(td.k[i], k_page + (tile_off + key_token(i)) * k_ts);
+        load_key_bytes<D>(td.k[i], k_page + (tile_off + key_token(i)) * k_ts, k_tail);
         const std::uint32_t scale_at = scale_tile + key_token(i) * kvh;
         td.v_scale[i] = cache.v_scales[scale_at];
         td.k_scale[i] = by_page ? 1.0f : cache.k_scales[scale_at];
       }
       td.valid_bits = 3u;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) load_words(td.v[i], v_page + (tile_off + value_token(i)) * v_ts);
+      for (int i = 0; i < 4; ++i) load_value_bytes<D>(td.v[i], v_page + (tile_off + value_token(i)) * v_ts, v_tail);
       return td;
     }
     // Token i of the tile: its page (-1: none, or outside the pool) and offset, when in range.
@@ -621,7 +680,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       if (in_range && page < 0 && j == 0 && h == 0 && error_count != nullptr) atomicAdd(error_count, 1ull);
       td.k_scale[i] = td.v_scale[i] = 1.0f;
       if (page >= 0) {
-        load_words(td.k[i], k_lane + page * kst.page_stride + off * kst.token_stride);
+        load_key_bytes<D>(td.k[i], k_lane + page * kst.page_stride + off * kst.token_stride, k_tail);
         const std::int64_t scale_at = cache.scale_offset(page * ps + off, h);
         td.v_scale[i] = cache.v_scales[scale_at];
         if (!by_page) td.k_scale[i] = cache.k_scales[scale_at];
@@ -635,7 +694,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       std::int64_t page;
       std::uint32_t off;
       if (locate(value_token(i), page, off) && page >= 0)
-        load_words(td.v[i], v_lane + page * vst.page_stride + off * vst.token_stride);
+        load_value_bytes<D>(td.v[i], v_lane + page * vst.page_stride + off * vst.token_stride, v_tail);
       else
         zero_words(td.v[i]);
     }
@@ -762,7 +821,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     Tile a = load_tile(t, table_page(t));
     std::uint32_t tn = next_tile(t);  // the next tile to load, and its page
     std::int32_t tn_page = table_page(tn);
-    if constexpr (kPrefetch) {
+    if constexpr (kTwoTiles) {
       // Tile `nxt` loads while `cur` computes; the two alternate, so no tile is copied.
       Tile b;
       auto step = [&](const Tile& cur, Tile& nxt) {
@@ -778,20 +837,23 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
       while (step(a, b) && step(b, a)) {
       }
     } else {
-      // One tile in registers; the one after next is prefetched into L2 (a line a lane) a tile
-      // before its loads, so they wait on L2 rather than on DRAM.
-      prefetch_tile(tn, tn_page);
-      std::uint32_t t2 = next_tile(tn);  // the tile after tn, and its page
-      std::int32_t t2_page = table_page(t2);
+      // One tile in registers; the tile kPrefetchTiles after the current one is prefetched into L2
+      // (a line a lane) while it computes, so that its loads wait on L2 rather than on DRAM.
+      std::uint32_t pf = tn;
+      for (int i = 1; i < DecodeMmaPolicy::kPrefetchTiles; ++i) {
+        prefetch_tile(pf, table_page(pf));
+        pf = next_tile(pf);
+      }
+      std::int32_t pf_page = table_page(pf);  // read a tile before its prefetch, as tn_page
       while (true) {
         compute_tile(a);
         if (tn >= hi_t) break;
-        prefetch_tile(t2, t2_page);
+        prefetch_tile(pf, pf_page);
+        pf = next_tile(pf);
+        pf_page = table_page(pf);
         a = load_tile(tn, tn_page);
-        tn = t2;
-        tn_page = t2_page;
-        t2 = next_tile(t2);
-        t2_page = table_page(t2);
+        tn = next_tile(tn);
+        tn_page = table_page(tn);
       }
     }
   }
@@ -811,7 +873,7 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        sm.merge.acc[warp][8 * nt + 2 * j + (e & 1)][r * (D / 8) + (e >> 1) * kMTiles + mt] = acc[mt][nt][e];
+        sm.merge.acc[warp][8 * nt + 2 * j + (e & 1)][Lane::value_channel(r, (e >> 1) * kMTiles + mt)] = acc[mt][nt][e];
     if (r == 0) {
 #pragma unroll
       for (int col = 0; col < 2; ++col) {
@@ -874,8 +936,8 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads)
   if (lse != nullptr && lane == 0) lse[b * out_rows.q_heads + qh] = is_positive(l) ? mul_rn(add_rn(m, lg2_approx(l)), kLn2) : kNegInf;
 }
 
-/// Whether decode_mma_kernel runs this call: an sm_80 or later GPU, fp16 / bf16, head dim 64,
-/// 128 or 256 (128 at most for groups over 8, whose twice as many rows need twice the
+/// Whether decode_mma_kernel runs this call: an sm_80 or later GPU, fp16 / bf16, head dim 64, 80,
+/// 96, 128 or 256 (128 at most for groups over 8, whose twice as many rows need twice the
 /// registers), code pools at 16-byte aligned rows whose pages span under 2 GiB of token rows,
 /// fewer than 2^31 scales, and under kKeysPerChannelPage pages of a multiple of 16 tokens (a
 /// tile's keys under one page's scales) and 16-byte aligned key scales.
@@ -897,7 +959,7 @@ inline bool decode_takes_mma(const PagedCache& c, std::int64_t group, const Deco
       return s.token_stride >= 0 && c.page_size * s.token_stride < (std::int64_t{1} << 31);
     };
     const bool scales_32 = c.num_pages * c.page_size * c.kv_heads < (std::int64_t{1} << 31);
-    return (d == 64 || d == 128 || d == 256) && (group <= 8 || d <= 128) && aligned(c.k_codes, c.k_strides) &&
+    return (d == 64 || d == 80 || d == 96 || d == 128 || d == 256) && (group <= 8 || d <= 128) && aligned(c.k_codes, c.k_strides) &&
            aligned(c.v_codes, c.v_strides) && page_rows_32(c.k_strides) && page_rows_32(c.v_strides) && scales_32 &&
            plan.split_tokens % DecodeMmaPolicy::kBlockTokens == 0 &&
            (c.scheme != PagedScheme::kKeysPerChannelPage ||
@@ -924,6 +986,10 @@ cudaError_t launch_decode_attention(const T* q, const QueryRows& q_rows, const P
       const std::int64_t d = cache.head_dim;
       if (d == 64)
         group <= 8 ? args(decode_mma_kernel<4, 1, T>) : args(decode_mma_kernel<4, 2, T>);
+      else if (d == 80)
+        group <= 8 ? args(decode_mma_kernel<5, 1, T>) : args(decode_mma_kernel<5, 2, T>);
+      else if (d == 96)
+        group <= 8 ? args(decode_mma_kernel<6, 1, T>) : args(decode_mma_kernel<6, 2, T>);
       else if (d == 128)
         group <= 8 ? args(decode_mma_kernel<8, 1, T>) : args(decode_mma_kernel<8, 2, T>);
       else
