@@ -630,6 +630,8 @@ KVQ_KERNEL void __launch_bounds__(DecodePolicy::kThreads, DecodeMmaPolicy::min_b
     }
     const bool tile_in_pool = page_tiles && in_pool(td.page);
     if (by_page && tile_in_pool) {  // the page's key scales, for make_q a tile later
+      // The lane's first and last key scales (its last one's offset is a constant from its first:
+      // fewer live registers than two offsets from the row).
       const float* ks = cache.k_scales + cache.channel_scale_offset(td.page, h, Lane::key_channel(j, 0));
       asm volatile("prefetch.global.L1 [%0];" ::"l"(ks));
       asm volatile("prefetch.global.L1 [%0];" ::"l"(ks + (Lane::key_channel(j, Lane::kKeyWords - 1) + 3 - Lane::key_channel(j, 0))));
