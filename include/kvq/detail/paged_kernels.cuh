@@ -19,6 +19,7 @@
 #include <kvq/device.cuh>
 #include <kvq/paged.hpp>
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -161,10 +162,12 @@ inline bool append_takes_rows(const T* k_new, const T* v_new, const TokenRows& r
 // and then either to the open-page buffer (its page is still open after the call) or nowhere yet
 // (its page fills in this call): the page's last token closes it, computing each channel's scale
 // over the page's non-sink tokens and every code. A closing page reads its earlier tokens from
-// the open-page buffer and the call's from k_new. The one case where the call also writes open
-// rows that a closer reads (a half-filled page closes while the call leaves a later page open,
-// whose rows reuse the buffer's) is ordered by giving those writes to the closer, after its reads:
-// each lane reads and writes only its own channels, so program order is enough.
+// the open-page buffer as it was before the call, and the call's from k_new; the open rows the
+// call leaves may reuse those buffer rows (a half-filled page closes while a later one opens), so
+// the kernel runs in two phases with one grid barrier between them (a cooperative launch): first
+// V rows, sinks and closers, then the open rows. Every decision reads rows within one page: whether
+// a row's run reaches its page's end, where in the page it began, and (open rows) whether the row
+// after its run is another of its sequence (reference::append_kv's `superseded`).
 
 /// x / d and x % d (C++'s, truncating) for d = f.divisor: by FastDivmod where 0 <= x < 2^31,
 /// the common case, and by `/` elsewhere.
@@ -204,7 +207,9 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   const std::int64_t n = rows.tokens * cache.kv_heads * 2, ps = cache.page_size, d = cache.head_dim;
   const int units = vectors ? static_cast<int>(d / V) : 0;
   T* const open = static_cast<T*>(cache.k_open);
-  for (std::int64_t i = blockIdx.x * groups_per_block + threadIdx.x / kLanes; i < n; i += stride) {
+  const std::int64_t first_item = blockIdx.x * groups_per_block + threadIdx.x / kLanes;
+  // Phase 1: V rows, sinks, and each closing page by its last token.
+  for (std::int64_t i = first_item; i < n; i += stride) {
     const bool is_v = i & 1;
     const std::int64_t th = i >> 1, t = head_div.div(th), h = th - t * cache.kv_heads;
     const std::int64_t slot = slot_mapping[t];
@@ -234,35 +239,6 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     auto new_row = [&](std::int64_t q) {  // k_new's row of position q of the run, this head
       return k_new + (t + (q - pos)) * rows.token_stride + h * rows.head_stride;
     };
-    auto copy_row = [&](T* dst, const T* src) {
-      if (vectors) {
-        for (int u = g.lane; u < units; u += kLanes) device::store<V>(dst + u * V, device::load<V>(src + u * V));
-      } else {
-        for (std::int64_t c = g.lane; c < d; c += kLanes) dst[c] = src[c];
-      }
-    };
-    // Does the run reach the page's last position? The rows up to it, checked by the group's lanes.
-    bool reaches = true;
-    for (std::int64_t k = 1 + g.lane; k <= ps - 1 - offset; k += kLanes) reaches &= member(t + k);
-    reaches = __all_sync(g.mask, reaches);
-    if (!reaches) {  // the open page after the call: kept in full precision (by the closer when straddling)
-      // The run's first position (exponential then binary search back from t; rare rows only:
-      // those of a page left open).
-      std::int64_t in = t, step = 1;
-      while (member(in - step)) {
-        in -= step;
-        step *= 2;
-      }
-      for (std::int64_t out = in - step; in - out > 1;) {
-        const std::int64_t mid = in - (in - out) / 2;
-        if (member(mid)) in = mid;
-        else out = mid;
-      }
-      const std::int64_t first_pos = pos - (t - in);
-      const bool straddle = page_div.div(first_pos) != page_index && page_div.mod(first_pos) != 0;
-      if (!straddle) copy_row(open + cache.open_offset(seq, offset, h, 0), x);
-      continue;
-    }
     if (offset != ps - 1) continue;  // only the page's last token closes it
     // The page's positions before old_end are in the open-page buffer, the rest in this call: the
     // nearest row back from t that is not in the run, found by the group's lanes.
@@ -274,26 +250,6 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
       }
     nearest = ~device::warp_max_bits(~nearest, g.mask);  // the group's least
     const std::int64_t old_end = pos - nearest + 1;
-    // A run that began inside this page and ends inside a later one leaves that page open; its rows
-    // reuse the buffer rows this closer reads, so the closer writes them, after its reads.
-    std::int64_t open_from = 0, open_to = -1;
-    if (old_end > start) {
-      std::int64_t in = t, step = 1;
-      while (member(in + step)) {
-        in += step;
-        step *= 2;
-      }
-      for (std::int64_t out = in + step; out - in > 1;) {
-        const std::int64_t mid = in + (out - in) / 2;
-        if (member(mid)) in = mid;
-        else out = mid;
-      }
-      const std::int64_t last_pos = pos + (in - t);
-      if (page_div.div(last_pos) != page_index && page_div.mod(last_pos + 1) != 0) {
-        open_from = page_div.div(last_pos) * ps;
-        open_to = last_pos;
-      }
-    }
     const PageStrides& s = cache.k_strides;
     std::int8_t* const codes = cache.k_codes + page * s.page_stride + h * s.head_stride;
     auto key_row = [&](std::int64_t q) {
@@ -338,8 +294,6 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
         for_each_key(u, start, [&](std::int64_t q, const Fragment<T, V>& x) {
           device::store<V>(codes + (q - start) * s.token_stride + u * V, device::quantize<V>(x, sc, rs));
         });
-        for (std::int64_t q = open_from; q <= open_to; ++q)  // after this unit's reads
-          device::store<V>(open + cache.open_offset(seq, q - open_from, h, u * V), device::load<V>(new_row(q) + u * V));
       }
       continue;
     }
@@ -350,8 +304,40 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
       const float scale = scale_from_amax(bits_to_float(amax));
       cache.k_scales[cache.channel_scale_offset(page, h, c)] = scale;
       for (std::int64_t q = start; q <= pos; ++q) codes[(q - start) * s.token_stride + c] = quantize_value(key(q), scale);
-      for (std::int64_t q = open_from; q <= open_to; ++q)  // after this channel's reads
-        open[cache.open_offset(seq, q - open_from, h, c)] = new_row(q)[c];
+    }
+  }
+
+  // Every closer has read the open-page buffer.
+  cooperative_groups::this_grid().sync();
+
+  // Phase 2: the K rows of pages the call leaves open, into the buffer.
+  for (std::int64_t i = first_item; i < n; i += stride) {
+    if (i & 1) continue;  // a V row
+    const std::int64_t t = head_div.div(i >> 1), h = (i >> 1) - t * cache.kv_heads;
+    if (slot_mapping[t] < 0 || !paged_valid_token(cache, slot_mapping, tp, t, page_div)) continue;  // counted above
+    const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], offset = page_div.mod(pos);
+    if (offset == ps - 1) continue;  // a closer
+    auto member = [&](std::int64_t jr) {
+      return jr < rows.tokens && paged_valid_token(cache, slot_mapping, tp, jr, page_div) && tp.seq_ids[jr] == seq &&
+             tp.positions[jr] == pos + (jr - t);
+    };
+    // The first row after t that is not in its run, within the page (none: the page closes).
+    std::uint32_t end = static_cast<std::uint32_t>(ps);  // beyond the page
+    for (std::int64_t k = 1 + g.lane; k <= ps - 1 - offset; k += kLanes)
+      if (!member(t + k)) {
+        end = static_cast<std::uint32_t>(k);
+        break;
+      }
+    end = ~device::warp_max_bits(~end, g.mask);  // the group's least
+    if (end == static_cast<std::uint32_t>(ps)) continue;  // the run reaches the page's end: closed
+    const std::int64_t after = t + end;
+    if (after < rows.tokens && slot_mapping[after] >= 0 && tp.seq_ids[after] == seq) continue;  // superseded
+    const T* x = k_new + t * rows.token_stride + h * rows.head_stride;
+    T* dst = open + cache.open_offset(seq, offset, h, 0);
+    if (vectors) {
+      for (int u = g.lane; u < units; u += kLanes) device::store<V>(dst + u * V, device::load<V>(x + u * V));
+    } else {
+      for (std::int64_t c = g.lane; c < d; c += kLanes) dst[c] = x[c];
     }
   }
 }
@@ -475,11 +461,28 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
                                      const std::int64_t* slot_mapping, const TokenPositions& tp,
                                      const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
   const bool vectors = append_takes_rows(k_new, v_new, rows, cache) && is_aligned(cache.k_open, 16);
-  return launch_by_lanes<T>(rows.tokens * cache.kv_heads * 2, cache.head_dim, [&](auto lanes, unsigned grid) {
-    append_kv_by_page_kernel<decltype(lanes)::value, T><<<grid, PagedPolicy::kThreads, 0, stream>>>(
-        k_new, v_new, rows, slot_mapping, tp, cache, vectors, Int64Divmod(cache.page_size), Int64Divmod(cache.kv_heads),
-        error_count);
+  cudaError_t err = cudaSuccess;
+  launch_by_lanes<T>(rows.tokens * cache.kv_heads * 2, cache.head_dim, [&](auto lanes, unsigned grid) {
+    const auto kernel = append_kv_by_page_kernel<decltype(lanes)::value, T>;
+    // A cooperative launch (its grid barrier): no more blocks than run at once.
+    int device = 0, sms = 0, per_sm = 0;
+    if ((err = cudaGetDevice(&device)) != cudaSuccess ||
+        (err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess ||
+        (err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, PagedPolicy::kThreads, 0)) != cudaSuccess)
+      return;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(std::min(grid, static_cast<unsigned>(std::max(per_sm * sms, 1))));
+    config.blockDim = dim3(PagedPolicy::kThreads);
+    config.stream = stream;
+    cudaLaunchAttribute cooperative{};
+    cooperative.id = cudaLaunchAttributeCooperative;
+    cooperative.val.cooperative = 1;
+    config.attrs = &cooperative;
+    config.numAttrs = 1;
+    err = cudaLaunchKernelEx(&config, kernel, k_new, v_new, rows, slot_mapping, tp, cache, vectors,
+                             Int64Divmod(cache.page_size), Int64Divmod(cache.kv_heads), error_count);
   });
+  return err != cudaSuccess ? err : check_launch();
 }
 
 template <class T>
