@@ -204,31 +204,34 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   const auto g = device::RowLanes<kLanes>::this_thread();
   const std::int64_t groups_per_block = PagedPolicy::kThreads / kLanes;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * groups_per_block;
-  const std::int64_t n = rows.tokens * cache.kv_heads * 2, ps = cache.page_size, d = cache.head_dim;
+  const std::int64_t pairs = rows.tokens * cache.kv_heads, ps = cache.page_size, d = cache.head_dim;
   const int units = vectors ? static_cast<int>(d / V) : 0;
   T* const open = static_cast<T*>(cache.k_open);
-  const std::int64_t first_item = blockIdx.x * groups_per_block + threadIdx.x / kLanes;
-  // Phase 1: V rows, sinks, and each closing page by its last token.
-  for (std::int64_t i = first_item; i < n; i += stride) {
-    const bool is_v = i & 1;
-    const std::int64_t th = i >> 1, t = head_div.div(th), h = th - t * cache.kv_heads;
+  const std::int64_t first_group = blockIdx.x * groups_per_block + threadIdx.x / kLanes;
+  // Phase 1, a (token, head) pair at a time: its V row, its sinks, and the page its K row closes.
+  for (std::int64_t th = first_group; th < pairs; th += stride) {
+    const std::int64_t t = head_div.div(th), h = th - t * cache.kv_heads;
     const std::int64_t slot = slot_mapping[t];
     if (slot < 0) continue;  // padding
     if (!paged_valid_token(cache, slot_mapping, tp, t, page_div)) {  // untrusted: skipped, counted once per token
-      if (error_count != nullptr && !is_v && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
+      if (error_count != nullptr && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
       continue;
     }
     const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], page = page_div.div(slot), slot_offset = slot - page * ps;
-    const T* x = (is_v ? v_new : k_new) + t * rows.token_stride + h * rows.head_stride;
+    const T* x = k_new + t * rows.token_stride + h * rows.head_stride;
+    const T* xv = v_new + t * rows.token_stride + h * rows.head_stride;
     if (pos < cache.sink_tokens) {
-      T* sink = static_cast<T*>(is_v ? cache.v_sink : cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
-      for (std::int64_t c = g.lane; c < d; c += kLanes) sink[c] = x[c];
+      T* k_sink = static_cast<T*>(cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
+      T* v_sink = static_cast<T*>(cache.v_sink) + cache.sink_offset(seq, pos, h, 0);
+      for (std::int64_t c = g.lane; c < d; c += kLanes) {
+        k_sink[c] = x[c];
+        v_sink[c] = xv[c];
+      }
     }
-    if (is_v) {
+    {
       const PageStrides& s = cache.v_strides;
-      device::quantize_row(g, x, d, cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride,
+      device::quantize_row(g, xv, d, cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride,
                            cache.v_scales + cache.scale_offset(slot, h));
-      continue;
     }
     // Whether row j continues t's run: the same sequence at the position j - t further on.
     auto member = [&](std::int64_t jr) {
@@ -310,10 +313,8 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   // Every closer has read the open-page buffer.
   cooperative_groups::this_grid().sync();
 
-  // Phase 2: the K rows of pages the call leaves open, into the buffer.
-  for (std::int64_t i = first_item; i < n; i += stride) {
-    if (i & 1) continue;  // a V row
-    const std::int64_t t = head_div.div(i >> 1), h = (i >> 1) - t * cache.kv_heads;
+  // Phase 2, a token at a time: its K rows, where its page stays open, into the buffer.
+  for (std::int64_t t = first_group; t < rows.tokens; t += stride) {
     if (slot_mapping[t] < 0 || !paged_valid_token(cache, slot_mapping, tp, t, page_div)) continue;  // counted above
     const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], offset = page_div.mod(pos);
     if (offset == ps - 1) continue;  // a closer
@@ -332,12 +333,14 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     if (end == static_cast<std::uint32_t>(ps)) continue;  // the run reaches the page's end: closed
     const std::int64_t after = t + end;
     if (after < rows.tokens && slot_mapping[after] >= 0 && tp.seq_ids[after] == seq) continue;  // superseded
-    const T* x = k_new + t * rows.token_stride + h * rows.head_stride;
-    T* dst = open + cache.open_offset(seq, offset, h, 0);
-    if (vectors) {
-      for (int u = g.lane; u < units; u += kLanes) device::store<V>(dst + u * V, device::load<V>(x + u * V));
-    } else {
-      for (std::int64_t c = g.lane; c < d; c += kLanes) dst[c] = x[c];
+    for (std::int64_t h = 0; h < cache.kv_heads; ++h) {
+      const T* x = k_new + t * rows.token_stride + h * rows.head_stride;
+      T* dst = open + cache.open_offset(seq, offset, h, 0);
+      if (vectors) {
+        for (int u = g.lane; u < units; u += kLanes) device::store<V>(dst + u * V, device::load<V>(x + u * V));
+      } else {
+        for (std::int64_t c = g.lane; c < d; c += kLanes) dst[c] = x[c];
+      }
     }
   }
 }
@@ -462,7 +465,7 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
                                      const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
   const bool vectors = append_takes_rows(k_new, v_new, rows, cache) && is_aligned(cache.k_open, 16);
   cudaError_t err = cudaSuccess;
-  launch_by_lanes<T>(rows.tokens * cache.kv_heads * 2, cache.head_dim, [&](auto lanes, unsigned grid) {
+  launch_by_lanes<T>(rows.tokens * cache.kv_heads, cache.head_dim, [&](auto lanes, unsigned grid) {
     const auto kernel = append_kv_by_page_kernel<decltype(lanes)::value, T>;
     // A cooperative launch (its grid barrier): no more blocks than run at once.
     int device = 0, sms = 0, per_sm = 0;
