@@ -211,12 +211,6 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   // Phase 1, a (token, head) pair at a time: its V row, its sinks, and the page its K row closes.
   for (std::int64_t th = first_group; th < pairs; th += stride) {
     const std::int64_t t = head_div.div(th), h = th - t * cache.kv_heads;
-    if (const std::int64_t next = th + stride; next < pairs) {  // the group's next V row into L2, a line a lane
-      const std::int64_t tn = head_div.div(next), hn = next - tn * cache.kv_heads;
-      const auto* row = reinterpret_cast<const char*>(v_new + tn * rows.token_stride + hn * rows.head_stride);
-      if (static_cast<std::int64_t>(g.lane) * 128 < d * static_cast<std::int64_t>(sizeof(T)))
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(row + g.lane * 128));
-    }
     const std::int64_t slot = slot_mapping[t];
     if (slot < 0) continue;  // padding
     if (!paged_valid_token(cache, slot_mapping, tp, t, page_div)) {  // untrusted: skipped, counted once per token
