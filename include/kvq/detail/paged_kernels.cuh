@@ -83,6 +83,35 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   }
 }
 
+/// A row held by a group's lanes (`held[u]` the lane's unit g.lane + u * kLanes where owns(u))
+/// quantized per token: its codes into dst, its scale into *scale_out, those of row_scales_kernel
+/// (kvq::quantize per token) bit for bit. Every lane of the group must call it.
+template <int kLanes, int kUnits, class T, class Owns>
+__device__ inline void quantize_held_row(const device::RowLanes<kLanes>& g,
+                                         const device::Bits<16 / sizeof(T), T> (&held)[kUnits], Owns owns,
+                                         std::int8_t* dst,  // (units * V)
+                                         float* scale_out) {
+  constexpr int V = 16 / sizeof(T);
+  unsigned long long bad = 0;  // not counted by append_kv: it decides the lean codes path
+  std::uint32_t m = held_amax_bits<V, kUnits, T>(held, owns, bad);
+  // The lean codes path is decided per lane, on its own values, as in row_scales_kernel.
+  m = device::warp_max_bits(m, g.mask);
+  const float amax = bits_to_float(m), scale = scale_from_amax(amax), inv = reciprocal(scale);
+  if (g.lane == 0) *scale_out = scale;
+  Fragment<float, V> sc, rs;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    sc[e] = scale;
+    rs[e] = inv;
+  }
+  with_codes_path<T>(bad == 0 && lean_codes_apply(amax), [&](auto lean) {
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u)
+      if (owns(u))
+        device::store<V>(dst + (g.lane + u * kLanes) * V, codes<decltype(lean)::value>(device::unpack<T, V>(held[u]), sc, rs));
+  });
+}
+
 /// append_kv_kernel for whole-vector rows (head_dim a multiple of V = 16 / sizeof(T), 16-byte
 /// aligned rows, codes aligned to V bytes): a group of kLanes lanes takes a (token, head) pair,
 /// K and V rows both, each lane holding kUnits 16-byte units of each in registers, so a row is
@@ -117,28 +146,11 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     const std::int64_t page = slot / cache.page_size, offset = slot % cache.page_size;
 #pragma unroll
     for (int kv = 0; kv < 2; ++kv) {
-      unsigned long long bad = 0;  // not counted by append_kv: it decides the lean codes path
-      std::uint32_t m = held_amax_bits<V, kUnits, T>(held[kv], owns, bad);
-      // The lean codes path is decided per lane, on its own values, as in row_scales_kernel.
-      m = device::warp_max_bits(m, g.mask);
-      const float amax = bits_to_float(m), scale = scale_from_amax(amax), inv = reciprocal(scale);
       const PageStrides& s = kv ? cache.v_strides : cache.k_strides;
-      std::int8_t* dst = (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride +
-                         h * s.head_stride;
-      if (g.lane == 0) (kv ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)] = scale;
-      Fragment<float, V> sc, rs;
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        sc[e] = scale;
-        rs[e] = inv;
-      }
-      with_codes_path<T>(bad == 0 && lean_codes_apply(amax), [&](auto lean) {
-#pragma unroll
-        for (int u = 0; u < kUnits; ++u)
-          if (owns(u))
-            device::store<V>(dst + (g.lane + u * kLanes) * V,
-                             codes<decltype(lean)::value>(device::unpack<T, V>(held[kv][u]), sc, rs));
-      });
+      quantize_held_row<kLanes, kUnits, T>(
+          g, held[kv], owns,
+          (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride + h * s.head_stride,
+          (kv ? cache.v_scales : cache.k_scales) + cache.scale_offset(slot, h));
     }
   }
 }
@@ -208,31 +220,51 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   const int units = vectors ? static_cast<int>(d / V) : 0;
   T* const open = static_cast<T*>(cache.k_open);
   const std::int64_t first_group = blockIdx.x * groups_per_block + threadIdx.x / kLanes;
-  // Phase 1, a (token, head) pair at a time: its V row, its sinks, and the page its K row closes.
-  for (std::int64_t th = first_group; th < pairs; th += stride) {
-    const std::int64_t t = head_div.div(th), h = th - t * cache.kv_heads;
-    const std::int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;  // padding
-    if (!paged_valid_token(cache, slot_mapping, tp, t, page_div)) {  // untrusted: skipped, counted once per token
-      if (error_count != nullptr && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
-      continue;
-    }
-    const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], page = page_div.div(slot), slot_offset = slot - page * ps;
-    const T* x = k_new + t * rows.token_stride + h * rows.head_stride;
-    const T* xv = v_new + t * rows.token_stride + h * rows.head_stride;
-    if (pos < cache.sink_tokens) {
-      T* k_sink = static_cast<T*>(cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
-      T* v_sink = static_cast<T*>(cache.v_sink) + cache.sink_offset(seq, pos, h, 0);
-      for (std::int64_t c = g.lane; c < d; c += kLanes) {
-        k_sink[c] = x[c];
-        v_sink[c] = xv[c];
+  // Phase 1a, (token, head) pairs kPairBatch at a time: their V rows (loads in flight together) and
+  // their sinks; invalid tokens counted here.
+  constexpr int kPairBatch = 4;
+  auto owns = [&](int) { return g.lane < units; };  // vectors: one unit a lane (paged_lanes)
+  for (std::int64_t th0 = first_group; th0 < pairs; th0 += kPairBatch * stride) {
+    bool live[kPairBatch];
+    device::Bits<V, T> held[kPairBatch][1];
+#pragma unroll
+    for (int b = 0; b < kPairBatch; ++b) {
+      const std::int64_t th = th0 + b * stride, t = head_div.div(th), h = th - t * cache.kv_heads;
+      live[b] = th < pairs && slot_mapping[t] >= 0;  // not padding
+      if (!live[b]) continue;
+      if (!paged_valid_token(cache, slot_mapping, tp, t, page_div)) {  // untrusted: skipped, counted once per token
+        if (error_count != nullptr && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
+        live[b] = false;
+        continue;
+      }
+      const T* xv = v_new + t * rows.token_stride + h * rows.head_stride;
+      if (vectors && owns(0)) held[b][0] = device::load_bits<V>(xv + g.lane * V);
+      if (const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t]; pos < cache.sink_tokens) {
+        const T* x = k_new + t * rows.token_stride + h * rows.head_stride;
+        T* k_sink = static_cast<T*>(cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
+        T* v_sink = static_cast<T*>(cache.v_sink) + cache.sink_offset(seq, pos, h, 0);
+        for (std::int64_t c = g.lane; c < d; c += kLanes) {
+          k_sink[c] = x[c];
+          v_sink[c] = xv[c];
+        }
       }
     }
-    {
+#pragma unroll
+    for (int b = 0; b < kPairBatch; ++b) {
+      if (!live[b]) continue;
+      const std::int64_t th = th0 + b * stride, t = head_div.div(th), h = th - t * cache.kv_heads;
+      const std::int64_t slot = slot_mapping[t], page = page_div.div(slot), slot_offset = slot - page * ps;
       const PageStrides& s = cache.v_strides;
-      device::quantize_row(g, xv, d, cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride,
-                           cache.v_scales + cache.scale_offset(slot, h));
+      std::int8_t* dst = cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride;
+      float* scale = cache.v_scales + cache.scale_offset(slot, h);
+      if (vectors) quantize_held_row<kLanes, 1, T>(g, held[b], owns, dst, scale);
+      else device::quantize_row(g, v_new + t * rows.token_stride + h * rows.head_stride, d, dst, scale);
     }
+  }
+
+  // Closing the page whose last position token t writes, head h (t valid, its offset ps - 1).
+  auto close_page = [&](std::int64_t t, std::int64_t h) {
+    const std::int64_t slot = slot_mapping[t], seq = tp.seq_ids[t], pos = tp.positions[t], page = page_div.div(slot);
     // Whether row j continues t's run: the same sequence at the position j - t further on.
     auto member = [&](std::int64_t jr) {
       return jr >= 0 && jr < rows.tokens && paged_valid_token(cache, slot_mapping, tp, jr, page_div) && tp.seq_ids[jr] == seq &&
@@ -242,7 +274,6 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     auto new_row = [&](std::int64_t q) {  // k_new's row of position q of the run, this head
       return k_new + (t + (q - pos)) * rows.token_stride + h * rows.head_stride;
     };
-    if (offset != ps - 1) continue;  // only the page's last token closes it
     // The page's positions before old_end are in the open-page buffer, the rest in this call: the
     // nearest row back from t that is not in the run, found by the group's lanes.
     std::uint32_t nearest = static_cast<std::uint32_t>(offset + 1);  // none within the page
@@ -298,7 +329,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
           device::store<V>(codes + (q - start) * s.token_stride + u * V, device::quantize<V>(x, sc, rs));
         });
       }
-      continue;
+      return;
     }
     for (std::int64_t c = g.lane; c < d; c += kLanes) {
       auto key = [&](std::int64_t q) { return to_float(key_row(q)[c]); };
@@ -308,6 +339,27 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
       cache.k_scales[cache.channel_scale_offset(page, h, c)] = scale;
       for (std::int64_t q = start; q <= pos; ++q) codes[(q - start) * s.token_stride + c] = quantize_value(key(q), scale);
     }
+  };
+  // Phase 1b, the pages this call closes: a contiguous range of tokens a block, its closers' (token,
+  // head) pairs spread over the block's groups. (Over a grid-stride walk of pairs, closers fall on
+  // the same few groups whenever the stride is a multiple of page_size x kv_heads.)
+  __shared__ std::int32_t closers[PagedPolicy::kThreads];  // offsets from `base`
+  __shared__ int closer_count;
+  const std::int64_t per_block = (rows.tokens + gridDim.x - 1) / gridDim.x;
+  const std::int64_t block_end = (blockIdx.x + 1) * per_block < rows.tokens ? (blockIdx.x + 1) * per_block : rows.tokens;
+  for (std::int64_t base = blockIdx.x * per_block; base < block_end; base += PagedPolicy::kThreads) {
+    if (threadIdx.x == 0) closer_count = 0;
+    __syncthreads();
+    if (const std::int64_t t = base + threadIdx.x;
+        t < block_end && paged_valid_token(cache, slot_mapping, tp, t, page_div) && page_div.mod(tp.positions[t]) == ps - 1)
+      closers[atomicAdd(&closer_count, 1)] = static_cast<std::int32_t>(threadIdx.x);
+    __syncthreads();
+    const std::int64_t items = closer_count * cache.kv_heads;
+    for (std::int64_t i = threadIdx.x / kLanes; i < items; i += groups_per_block) {
+      const std::int64_t c = head_div.div(i);
+      close_page(base + closers[c], i - c * cache.kv_heads);
+    }
+    __syncthreads();  // the list is rewritten next round
   }
 
   // Every closer has read the open-page buffer.
@@ -333,13 +385,24 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     if (end == static_cast<std::uint32_t>(ps)) continue;  // the run reaches the page's end: closed
     const std::int64_t after = t + end;
     if (after < rows.tokens && slot_mapping[after] >= 0 && tp.seq_ids[after] == seq) continue;  // superseded
-    for (std::int64_t h = 0; h < cache.kv_heads; ++h) {
-      const T* x = k_new + t * rows.token_stride + h * rows.head_stride;
-      T* dst = open + cache.open_offset(seq, offset, h, 0);
+    // Every head's row, kHeadBatch rows' loads in flight at a time (a decode step's latency).
+    constexpr int kHeadBatch = 8;
+    for (std::int64_t h0 = 0; h0 < cache.kv_heads; h0 += kHeadBatch) {
+      auto src = [&](int b) { return k_new + t * rows.token_stride + (h0 + b) * rows.head_stride; };
+      auto dst = [&](int b) { return open + cache.open_offset(seq, offset, h0 + b, 0); };
       if (vectors) {
-        for (int u = g.lane; u < units; u += kLanes) device::store<V>(dst + u * V, device::load<V>(x + u * V));
+        for (int u = g.lane; u < units; u += kLanes) {
+          device::Bits<V, T> xs[kHeadBatch];
+#pragma unroll
+          for (int b = 0; b < kHeadBatch; ++b)
+            if (h0 + b < cache.kv_heads) xs[b] = device::load_bits<V>(src(b) + u * V);
+#pragma unroll
+          for (int b = 0; b < kHeadBatch; ++b)
+            if (h0 + b < cache.kv_heads) device::store<V>(dst(b) + u * V, device::unpack<T, V>(xs[b]));
+        }
       } else {
-        for (std::int64_t c = g.lane; c < d; c += kLanes) dst[c] = x[c];
+        for (int b = 0; b < kHeadBatch && h0 + b < cache.kv_heads; ++b)
+          for (std::int64_t c = g.lane; c < d; c += kLanes) dst(b)[c] = src(b)[c];
       }
     }
   }
