@@ -285,7 +285,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     nearest = ~device::warp_max_bits(~nearest, g.mask);  // the group's least
     const std::int64_t old_end = pos - nearest + 1;
     const PageStrides& s = cache.k_strides;
-    std::int8_t* const codes = cache.k_codes + page * s.page_stride + h * s.head_stride;
+    std::int8_t* const k_page = cache.k_codes + page * s.page_stride + h * s.head_stride;
     auto key_row = [&](std::int64_t q) {
       return q < old_end ? open + cache.open_offset(seq, q - start, h, 0) : new_row(q);  // q in [start, pos]
     };
@@ -309,6 +309,9 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
         std::uint32_t raw[kWords] = {};
         for_each_key(u, first_scaled, [&](std::int64_t, const Fragment<T, V>& x) { device::raw_abs_max_into(raw, x); });
         Fragment<float, V> sc, rs;
+        // The lean codes (kvq::quantize's per-channel path) where every channel of the unit is
+        // finite and its scale in the fast range; they hold for the rows its amax was taken over.
+        bool lean = true;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           std::uint32_t bits = raw[e * sizeof(T) / 4];
@@ -320,13 +323,18 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
             std::uint32_t m = 0;
             for (std::int64_t q = first_scaled; q <= pos; ++q) m = max(m, finite_abs_bits(to_float(key_row(q)[u * V + e])));
             amax = bits_to_float(m);
+            lean = false;
           }
+          lean &= lean_codes_apply(amax);
           sc[e] = scale_from_amax(amax);
           rs[e] = reciprocal(sc[e]);
           cache.k_scales[cache.channel_scale_offset(page, h, u * V + e)] = sc[e];
         }
         for_each_key(u, start, [&](std::int64_t q, const Fragment<T, V>& x) {
-          device::store<V>(codes + (q - start) * s.token_stride + u * V, device::quantize<V>(x, sc, rs));
+          with_codes_path<T>(lean && q >= first_scaled, [&](auto within_amax) {  // sinks: outside the amax
+            device::store<V>(k_page + (q - start) * s.token_stride + u * V,
+                             codes<decltype(within_amax)::value>(x, sc, rs));
+          });
         });
       }
       return;
@@ -337,7 +345,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
       for (std::int64_t q = first_scaled; q <= pos; ++q) amax = max(amax, finite_abs_bits(key(q)));
       const float scale = scale_from_amax(bits_to_float(amax));
       cache.k_scales[cache.channel_scale_offset(page, h, c)] = scale;
-      for (std::int64_t q = start; q <= pos; ++q) codes[(q - start) * s.token_stride + c] = quantize_value(key(q), scale);
+      for (std::int64_t q = start; q <= pos; ++q) k_page[(q - start) * s.token_stride + c] = quantize_value(key(q), scale);
     }
   };
   // Phase 1b, the pages this call closes: a contiguous range of tokens a block, its closers' (token,
