@@ -498,8 +498,8 @@ def main():
     ap.add_argument("--out-json", default="torch.json")
     ap.add_argument("--out-md", default="compare.md")
     ap.add_argument("--quick", action="store_true", help="skip the fp32 sweep over the paper's shapes")
-    ap.add_argument("--only", choices=("all", "engine", "paper"), default="all",
-                    help="the engines' shapes, the paper's, or both (default)")
+    ap.add_argument("--only", choices=("all", "engine", "paper", "paged"), default="all",
+                    help="the engines' shapes, the paper's, both (default), or the paged append rows alone")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: PyTorch's default)")
     ap.add_argument("--jobs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
                     help="processes that compile ahead in parallel (1: compile while timing)")
@@ -507,8 +507,12 @@ def main():
     args = ap.parse_args()
     deadline = time.time() + args.deadline_s
 
-    rows = [r for r in cases(args.quick)
-            if args.only == "all" or (r["layout"] == "matrix") == (args.only == "paper")]
+    def wanted(r):
+        if args.only == "paged":
+            return r["layout"] == "paged"
+        return args.only == "all" or (r["layout"] == "matrix") == (args.only == "paper")
+
+    rows = [r for r in cases(args.quick) if wanted(r)]
 
     # kvq first, while nothing else holds GPU memory.
     kvq_json, kvq_rc = args.kvq_json, 0

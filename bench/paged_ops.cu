@@ -140,6 +140,9 @@ struct PagedAppend::State {
          "cudaMemcpy");
     }
     ok(cudaMemset(pool, kCachePoison, pool_bytes), "cudaMemset");
+    // The copies and the memset ran on the legacy stream, which a non-blocking `stream` does not
+    // wait for (and neither waits for the host): without this the poison could land after the append.
+    ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     ok(launch<T>(stream), "append_kv");
     ok(cudaStreamSynchronize(stream), "append_kv (the checked run)");
 
@@ -269,6 +272,7 @@ struct DecodeAttention::State {
     ok(cudaMemcpy(q, host_q.data(), static_cast<std::size_t>(q_elems) * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
     ok(cudaMalloc(reinterpret_cast<void**>(&out), static_cast<std::size_t>(q_elems) * 2), "cudaMalloc");
     ok(cudaMemset(out, 0xff, static_cast<std::size_t>(q_elems) * 2), "cudaMemset");
+    ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");  // before work on the non-blocking stream
     seqs = kvq::SequenceTable{c.batch, pages_per_seq, table, lens, nullptr, nullptr};
     rows = kvq::dense_queries(c.batch, c.q_heads, d);
     int sms = 0;

@@ -187,6 +187,93 @@ TYPED_TEST(GpuPaged, KeysPerChannelPageTrafficEqualsTheReferenceAfterEveryStep) 
         }
 }
 
+// Runs broken inside a call (a skipped token, a position out of line): the open rows of a run
+// that another row of its sequence follows are not kept (reference::append_kv's `superseded`),
+// and every byte equals the reference's, whatever the GPU's blocks do first.
+TYPED_TEST(GpuPaged, KeysPerChannelPageRunsBrokenInsideACall) {
+  using T = TypeParam;
+  const std::int64_t page_size = 4, pages = 8, heads = 2, dim = 128;
+  TwinCache c(CacheLayout(pages, page_size, heads, dim, PoolLayout::kHnd, ByPage{2, 0, element_type_of<T>()}));
+  ASSERT_TRUE(c.device.get());
+  KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
+  DeviceBuffer<unsigned long long> d_errors(1);
+  KVQ_ASSERT_CUDA(d_errors.poison(0));
+  unsigned long long host_errors = 0;
+  auto slot = [&](std::int64_t page, std::int64_t pos) { return page * page_size + pos % page_size; };
+  // Sequence 0 on pages 3 then 5, sequence 1 on page 6; positions 0 and 1 of sequence 0 first.
+  append_both<T>(c, {slot(3, 0), slot(3, 1)}, 1, d_errors.get(), host_errors, "positions 0, 1", {0, 0}, {0, 1});
+  // 2, a slot past the pool for 3, then 4, 5: position 2 is superseded, 4 and 5 stay open.
+  append_both<T>(c, {slot(3, 2), pages * page_size + 3, slot(5, 4), slot(5, 5), slot(6, 0)}, 2, d_errors.get(),
+                 host_errors, "a skipped token", {0, 0, 0, 0, 1}, {2, 3, 4, 5, 0});
+  // 6, 7: page 5 closes, 4 and 5 from the buffer rows the previous call kept.
+  append_both<T>(c, {slot(5, 6), slot(5, 7), slot(6, 1)}, 3, d_errors.get(), host_errors, "a page closing", {0, 0, 1},
+                 {6, 7, 1});
+  // A position out of line (3 after 6, its offset its slot's): 6 is superseded, 3 closes a page
+  // from whatever the buffer holds, on both sides alike.
+  append_both<T>(c, {slot(5, 6), slot(5, 3), slot(6, 2)}, 4, d_errors.get(), host_errors, "a position out of line",
+                 {0, 0, 1}, {6, 3, 2});
+  std::vector<unsigned long long> errors;
+  KVQ_ASSERT_CUDA(d_errors.download(errors));
+  EXPECT_EQ(errors[0], host_errors);
+  EXPECT_EQ(host_errors, 1u);
+}
+
+// Scheme 2's decode step (a cooperative launch) captured once and replayed with new contents.
+TYPED_TEST(GpuPaged, KeysPerChannelPageDecodeStepCapturedOnceReplays) {
+  using T = TypeParam;
+  constexpr int kSeqs = 16;
+  const std::int64_t page_size = 16, pages = kSeqs * 3, heads = 8, dim = 128;
+  TwinCache c(CacheLayout(pages, page_size, heads, dim, PoolLayout::kHnd, ByPage{kSeqs, 1, element_type_of<T>()}));
+  ASSERT_TRUE(c.device.get());
+  KVQ_ASSERT_CUDA(c.device.poison(kCachePoison));
+  const TokenRows rows = dense_rows(kSeqs, heads, dim);
+  DeviceBuffer<T> dk(kSeqs * heads * dim), dv(kSeqs * heads * dim);
+  DeviceBuffer<std::int64_t> ds(kSeqs);
+  DeviceBuffer<std::int32_t> d_ids(kSeqs), d_pos(kSeqs);
+  ASSERT_TRUE(dk.get() && dv.get() && ds.get() && d_ids.get() && d_pos.get());
+  cudaStream_t stream;
+  KVQ_ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  KVQ_ASSERT_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  const cudaError_t captured = append_kv(dk.get(), dv.get(), rows, ds.get(), TokenPositions{d_ids.get(), d_pos.get()},
+                                         c.on_device(), nullptr, stream);
+  KVQ_ASSERT_CUDA(cudaStreamEndCapture(stream, &graph));
+  KVQ_ASSERT_CUDA(captured);
+  cudaGraphExec_t exec;
+  KVQ_ASSERT_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  Traffic traffic(kSeqs, pages, page_size, 3, 9);
+  for (int step = 0; step < 40; ++step) {  // pages fill, close and new ones open
+    std::vector<std::int64_t> slots = traffic.step(true, 1);
+    std::vector<std::int32_t> ids = traffic.seq_ids(), pos = traffic.positions();
+    for (std::size_t i = slots.size(); i-- > 0;)
+      if (slots[i] < 0) {
+        slots.erase(slots.begin() + i);
+        ids.erase(ids.begin() + i);
+        pos.erase(pos.begin() + i);
+      }
+    slots.resize(kSeqs, -1);  // the graph's batch: padding past the live sequences
+    ids.resize(kSeqs, 0);
+    pos.resize(kSeqs, 0);
+    const std::vector<T> k = random_rows<T>(kSeqs * heads * dim, 3000 + step), v = random_rows<T>(kSeqs * heads * dim, 4000 + step);
+    KVQ_ASSERT_CUDA(dk.upload(k));
+    KVQ_ASSERT_CUDA(dv.upload(v));
+    KVQ_ASSERT_CUDA(ds.upload(slots));
+    KVQ_ASSERT_CUDA(d_ids.upload(ids));
+    KVQ_ASSERT_CUDA(d_pos.upload(pos));
+    KVQ_ASSERT_CUDA(cudaGraphLaunch(exec, stream));
+    KVQ_ASSERT_CUDA(cudaStreamSynchronize(stream));
+    ASSERT_EQ(reference::append_kv(k.data(), v.data(), rows, slots.data(), TokenPositions{ids.data(), pos.data()},
+                                   c.on_host()),
+              cudaSuccess);
+    std::vector<std::uint8_t> got;
+    KVQ_ASSERT_CUDA(c.device.download(got));
+    ASSERT_EQ(first_difference(got, c.host), -1) << "replay " << step;
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
 TYPED_TEST(GpuPaged, DecodeStepOfManySequencesAndEightHeads) {
   using T = TypeParam;
   for (bool by_page : {false, true})

@@ -328,6 +328,44 @@ TYPED_TEST(PagedReferenceByPage, FullPagesEqualDensePerChannelQuantizeAndTheOpen
         }
 }
 
+// A run broken inside a call (a skipped token): its open rows are not kept, since another row of
+// the sequence follows it; the run after the break keeps its page's rows.
+TEST(PagedReferenceByPage, AnOpenRunFollowedByItsSequenceIsNotKept) {
+  using T = __half;
+  const std::int64_t page_size = 4, heads = 2, dim = 64;
+  const CacheLayout L(8, page_size, heads, dim, PoolLayout::kHnd, ByPage{2, 0, ElementType::kHalf});
+  std::vector<std::uint8_t> bytes(L.bytes, kCachePoison);
+  const PagedCache cache = L.cache(bytes.data());
+  const std::vector<T> k = random_rows<T>(5 * heads * dim, 7), v = random_rows<T>(5 * heads * dim, 8);
+  // Sequence 0: positions 2, 3 (its slot past the pool: skipped), 4, 5 on pages 3 and 5; sequence 1's 0.
+  const std::vector<std::int64_t> slots = {3 * 4 + 2, 8 * 4 + 3, 5 * 4 + 0, 5 * 4 + 1, 6 * 4 + 0};
+  const std::vector<std::int32_t> ids = {0, 0, 0, 0, 1}, pos = {2, 3, 4, 5, 0};
+  unsigned long long errors = 0;
+  ASSERT_EQ(reference::append_kv(k.data(), v.data(), dense_rows(5, heads, dim), slots.data(),
+                                 TokenPositions{ids.data(), pos.data()}, cache, &errors),
+            cudaSuccess);
+  EXPECT_EQ(errors, 1u);
+  const T* open = static_cast<const T*>(cache.k_open);
+  auto open_row_is = [&](std::int64_t seq, std::int64_t offset, std::int64_t row) {
+    for (std::int64_t h = 0; h < heads; ++h)
+      if (std::memcmp(open + cache.open_offset(seq, offset, h, 0), &k[(row * heads + h) * dim], dim * sizeof(T)) != 0)
+        return false;
+    return true;
+  };
+  auto open_row_untouched = [&](std::int64_t seq, std::int64_t offset) {
+    for (std::int64_t h = 0; h < heads; ++h) {
+      const auto* p = reinterpret_cast<const std::uint8_t*>(open + cache.open_offset(seq, offset, h, 0));
+      if (std::any_of(p, p + dim * sizeof(T), [](std::uint8_t b) { return b != kCachePoison; })) return false;
+    }
+    return true;
+  };
+  EXPECT_TRUE(open_row_is(0, 0, 2)) << "position 4";
+  EXPECT_TRUE(open_row_is(0, 1, 3)) << "position 5";
+  EXPECT_TRUE(open_row_untouched(0, 2)) << "position 2: superseded, not kept";
+  EXPECT_TRUE(open_row_untouched(0, 3));
+  EXPECT_TRUE(open_row_is(1, 0, 4)) << "sequence 1's position 0";
+}
+
 // --- validation ---
 
 struct Buffers {

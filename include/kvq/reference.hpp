@@ -299,6 +299,11 @@ cudaError_t append_kv(const T* k_new,  // rows (tokens, kv_heads, head_dim)
     const detail::TokenRun run = detail::run_of(cache, slot_mapping, positions, rows.tokens, t);
     const std::int64_t page_index = pos / ps, last_page = run.last_pos / ps;
     const bool closes = page_index < last_page || (run.last_pos + 1) % ps == 0;
+    // An open run followed by another row of its sequence (a skipped token, or a position that
+    // breaks the run): the sequence goes on past it, so this page is not its open page after the
+    // call and its keys are not kept (the open-page buffer holds one page a sequence).
+    const std::int64_t after = run.first_row + (run.last_pos - run.first_pos) + 1;
+    const bool superseded = !closes && after < rows.tokens && slot_mapping[after] >= 0 && positions.seq_ids[after] == seq;
     for (std::int64_t h = 0; h < heads; ++h) {
       if (pos < cache.sink_tokens) {
         for (std::int64_t c = 0; c < d; ++c) {
@@ -307,6 +312,7 @@ cudaError_t append_kv(const T* k_new,  // rows (tokens, kv_heads, head_dim)
         }
       }
       if (!closes) {  // the open page after the call
+        if (superseded) continue;
         for (std::int64_t c = 0; c < d; ++c) {
           staged.push_back(row_of(k_new, t, h)[c]);
           staged_at.push_back(cache.open_offset(seq, pos % ps, h, c));

@@ -19,6 +19,7 @@
 #include <kvq/device.cuh>
 #include <kvq/paged.hpp>
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -82,6 +83,35 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   }
 }
 
+/// A row held by a group's lanes (`held[u]` the lane's unit g.lane + u * kLanes where owns(u))
+/// quantized per token: its codes into dst, its scale into *scale_out, those of row_scales_kernel
+/// (kvq::quantize per token) bit for bit. Every lane of the group must call it.
+template <int kLanes, int kUnits, class T, class Owns>
+__device__ inline void quantize_held_row(const device::RowLanes<kLanes>& g,
+                                         const device::Bits<16 / sizeof(T), T> (&held)[kUnits], Owns owns,
+                                         std::int8_t* dst,  // (units * V)
+                                         float* scale_out) {
+  constexpr int V = 16 / sizeof(T);
+  unsigned long long bad = 0;  // not counted by append_kv: it decides the lean codes path
+  std::uint32_t m = held_amax_bits<V, kUnits, T>(held, owns, bad);
+  // The lean codes path is decided per lane, on its own values, as in row_scales_kernel.
+  m = device::warp_max_bits(m, g.mask);
+  const float amax = bits_to_float(m), scale = scale_from_amax(amax), inv = reciprocal(scale);
+  if (g.lane == 0) *scale_out = scale;
+  Fragment<float, V> sc, rs;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    sc[e] = scale;
+    rs[e] = inv;
+  }
+  with_codes_path<T>(bad == 0 && lean_codes_apply(amax), [&](auto lean) {
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u)
+      if (owns(u))
+        device::store<V>(dst + (g.lane + u * kLanes) * V, codes<decltype(lean)::value>(device::unpack<T, V>(held[u]), sc, rs));
+  });
+}
+
 /// append_kv_kernel for whole-vector rows (head_dim a multiple of V = 16 / sizeof(T), 16-byte
 /// aligned rows, codes aligned to V bytes): a group of kLanes lanes takes a (token, head) pair,
 /// K and V rows both, each lane holding kUnits 16-byte units of each in registers, so a row is
@@ -116,28 +146,11 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     const std::int64_t page = slot / cache.page_size, offset = slot % cache.page_size;
 #pragma unroll
     for (int kv = 0; kv < 2; ++kv) {
-      unsigned long long bad = 0;  // not counted by append_kv: it decides the lean codes path
-      std::uint32_t m = held_amax_bits<V, kUnits, T>(held[kv], owns, bad);
-      // The lean codes path is decided per lane, on its own values, as in row_scales_kernel.
-      m = device::warp_max_bits(m, g.mask);
-      const float amax = bits_to_float(m), scale = scale_from_amax(amax), inv = reciprocal(scale);
       const PageStrides& s = kv ? cache.v_strides : cache.k_strides;
-      std::int8_t* dst = (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride +
-                         h * s.head_stride;
-      if (g.lane == 0) (kv ? cache.v_scales : cache.k_scales)[cache.scale_offset(slot, h)] = scale;
-      Fragment<float, V> sc, rs;
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        sc[e] = scale;
-        rs[e] = inv;
-      }
-      with_codes_path<T>(bad == 0 && lean_codes_apply(amax), [&](auto lean) {
-#pragma unroll
-        for (int u = 0; u < kUnits; ++u)
-          if (owns(u))
-            device::store<V>(dst + (g.lane + u * kLanes) * V,
-                             codes<decltype(lean)::value>(device::unpack<T, V>(held[kv][u]), sc, rs));
-      });
+      quantize_held_row<kLanes, kUnits, T>(
+          g, held[kv], owns,
+          (kv ? cache.v_codes : cache.k_codes) + page * s.page_stride + offset * s.token_stride + h * s.head_stride,
+          (kv ? cache.v_scales : cache.k_scales) + cache.scale_offset(slot, h));
     }
   }
 }
@@ -161,10 +174,12 @@ inline bool append_takes_rows(const T* k_new, const T* v_new, const TokenRows& r
 // and then either to the open-page buffer (its page is still open after the call) or nowhere yet
 // (its page fills in this call): the page's last token closes it, computing each channel's scale
 // over the page's non-sink tokens and every code. A closing page reads its earlier tokens from
-// the open-page buffer and the call's from k_new. The one case where the call also writes open
-// rows that a closer reads (a half-filled page closes while the call leaves a later page open,
-// whose rows reuse the buffer's) is ordered by giving those writes to the closer, after its reads:
-// each lane reads and writes only its own channels, so program order is enough.
+// the open-page buffer as it was before the call, and the call's from k_new; the open rows the
+// call leaves may reuse those buffer rows (a half-filled page closes while a later one opens), so
+// the kernel runs in two phases with one grid barrier between them (a cooperative launch): first
+// V rows, sinks and closers, then the open rows. Every decision reads rows within one page: whether
+// a row's run reaches its page's end, where in the page it began, and (open rows) whether the row
+// after its run is another of its sequence (reference::append_kv's `superseded`).
 
 /// x / d and x % d (C++'s, truncating) for d = f.divisor: by FastDivmod where 0 <= x < 2^31,
 /// the common case, and by `/` elsewhere.
@@ -201,30 +216,55 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
   const auto g = device::RowLanes<kLanes>::this_thread();
   const std::int64_t groups_per_block = PagedPolicy::kThreads / kLanes;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * groups_per_block;
-  const std::int64_t n = rows.tokens * cache.kv_heads * 2, ps = cache.page_size, d = cache.head_dim;
+  const std::int64_t pairs = rows.tokens * cache.kv_heads, ps = cache.page_size, d = cache.head_dim;
   const int units = vectors ? static_cast<int>(d / V) : 0;
   T* const open = static_cast<T*>(cache.k_open);
-  for (std::int64_t i = blockIdx.x * groups_per_block + threadIdx.x / kLanes; i < n; i += stride) {
-    const bool is_v = i & 1;
-    const std::int64_t th = i >> 1, t = head_div.div(th), h = th - t * cache.kv_heads;
-    const std::int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;  // padding
-    if (!paged_valid_token(cache, slot_mapping, tp, t, page_div)) {  // untrusted: skipped, counted once per token
-      if (error_count != nullptr && !is_v && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
-      continue;
+  const std::int64_t first_group = blockIdx.x * groups_per_block + threadIdx.x / kLanes;
+  // Phase 1a, (token, head) pairs kPairBatch at a time: their V rows (loads in flight together) and
+  // their sinks; invalid tokens counted here.
+  constexpr int kPairBatch = 4;
+  auto owns = [&](int) { return g.lane < units; };  // vectors: one unit a lane (paged_lanes)
+  for (std::int64_t th0 = first_group; th0 < pairs; th0 += kPairBatch * stride) {
+    bool live[kPairBatch];
+    device::Bits<V, T> held[kPairBatch][1];
+#pragma unroll
+    for (int b = 0; b < kPairBatch; ++b) {
+      const std::int64_t th = th0 + b * stride, t = head_div.div(th), h = th - t * cache.kv_heads;
+      live[b] = th < pairs && slot_mapping[t] >= 0;  // not padding
+      if (!live[b]) continue;
+      if (!paged_valid_token(cache, slot_mapping, tp, t, page_div)) {  // untrusted: skipped, counted once per token
+        if (error_count != nullptr && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
+        live[b] = false;
+        continue;
+      }
+      const T* xv = v_new + t * rows.token_stride + h * rows.head_stride;
+      if (vectors && owns(0)) held[b][0] = device::load_bits<V>(xv + g.lane * V);
+      if (const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t]; pos < cache.sink_tokens) {
+        const T* x = k_new + t * rows.token_stride + h * rows.head_stride;
+        T* k_sink = static_cast<T*>(cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
+        T* v_sink = static_cast<T*>(cache.v_sink) + cache.sink_offset(seq, pos, h, 0);
+        for (std::int64_t c = g.lane; c < d; c += kLanes) {
+          k_sink[c] = x[c];
+          v_sink[c] = xv[c];
+        }
+      }
     }
-    const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], page = page_div.div(slot), slot_offset = slot - page * ps;
-    const T* x = (is_v ? v_new : k_new) + t * rows.token_stride + h * rows.head_stride;
-    if (pos < cache.sink_tokens) {
-      T* sink = static_cast<T*>(is_v ? cache.v_sink : cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
-      for (std::int64_t c = g.lane; c < d; c += kLanes) sink[c] = x[c];
-    }
-    if (is_v) {
+#pragma unroll
+    for (int b = 0; b < kPairBatch; ++b) {
+      if (!live[b]) continue;
+      const std::int64_t th = th0 + b * stride, t = head_div.div(th), h = th - t * cache.kv_heads;
+      const std::int64_t slot = slot_mapping[t], page = page_div.div(slot), slot_offset = slot - page * ps;
       const PageStrides& s = cache.v_strides;
-      device::quantize_row(g, x, d, cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride,
-                           cache.v_scales + cache.scale_offset(slot, h));
-      continue;
+      std::int8_t* dst = cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride;
+      float* scale = cache.v_scales + cache.scale_offset(slot, h);
+      if (vectors) quantize_held_row<kLanes, 1, T>(g, held[b], owns, dst, scale);
+      else device::quantize_row(g, v_new + t * rows.token_stride + h * rows.head_stride, d, dst, scale);
     }
+  }
+
+  // Closing the page whose last position token t writes, head h (t valid, its offset ps - 1).
+  auto close_page = [&](std::int64_t t, std::int64_t h) {
+    const std::int64_t slot = slot_mapping[t], seq = tp.seq_ids[t], pos = tp.positions[t], page = page_div.div(slot);
     // Whether row j continues t's run: the same sequence at the position j - t further on.
     auto member = [&](std::int64_t jr) {
       return jr >= 0 && jr < rows.tokens && paged_valid_token(cache, slot_mapping, tp, jr, page_div) && tp.seq_ids[jr] == seq &&
@@ -234,36 +274,6 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
     auto new_row = [&](std::int64_t q) {  // k_new's row of position q of the run, this head
       return k_new + (t + (q - pos)) * rows.token_stride + h * rows.head_stride;
     };
-    auto copy_row = [&](T* dst, const T* src) {
-      if (vectors) {
-        for (int u = g.lane; u < units; u += kLanes) device::store<V>(dst + u * V, device::load<V>(src + u * V));
-      } else {
-        for (std::int64_t c = g.lane; c < d; c += kLanes) dst[c] = src[c];
-      }
-    };
-    // Does the run reach the page's last position? The rows up to it, checked by the group's lanes.
-    bool reaches = true;
-    for (std::int64_t k = 1 + g.lane; k <= ps - 1 - offset; k += kLanes) reaches &= member(t + k);
-    reaches = __all_sync(g.mask, reaches);
-    if (!reaches) {  // the open page after the call: kept in full precision (by the closer when straddling)
-      // The run's first position (exponential then binary search back from t; rare rows only:
-      // those of a page left open).
-      std::int64_t in = t, step = 1;
-      while (member(in - step)) {
-        in -= step;
-        step *= 2;
-      }
-      for (std::int64_t out = in - step; in - out > 1;) {
-        const std::int64_t mid = in - (in - out) / 2;
-        if (member(mid)) in = mid;
-        else out = mid;
-      }
-      const std::int64_t first_pos = pos - (t - in);
-      const bool straddle = page_div.div(first_pos) != page_index && page_div.mod(first_pos) != 0;
-      if (!straddle) copy_row(open + cache.open_offset(seq, offset, h, 0), x);
-      continue;
-    }
-    if (offset != ps - 1) continue;  // only the page's last token closes it
     // The page's positions before old_end are in the open-page buffer, the rest in this call: the
     // nearest row back from t that is not in the run, found by the group's lanes.
     std::uint32_t nearest = static_cast<std::uint32_t>(offset + 1);  // none within the page
@@ -274,28 +284,8 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
       }
     nearest = ~device::warp_max_bits(~nearest, g.mask);  // the group's least
     const std::int64_t old_end = pos - nearest + 1;
-    // A run that began inside this page and ends inside a later one leaves that page open; its rows
-    // reuse the buffer rows this closer reads, so the closer writes them, after its reads.
-    std::int64_t open_from = 0, open_to = -1;
-    if (old_end > start) {
-      std::int64_t in = t, step = 1;
-      while (member(in + step)) {
-        in += step;
-        step *= 2;
-      }
-      for (std::int64_t out = in + step; out - in > 1;) {
-        const std::int64_t mid = in + (out - in) / 2;
-        if (member(mid)) in = mid;
-        else out = mid;
-      }
-      const std::int64_t last_pos = pos + (in - t);
-      if (page_div.div(last_pos) != page_index && page_div.mod(last_pos + 1) != 0) {
-        open_from = page_div.div(last_pos) * ps;
-        open_to = last_pos;
-      }
-    }
     const PageStrides& s = cache.k_strides;
-    std::int8_t* const codes = cache.k_codes + page * s.page_stride + h * s.head_stride;
+    std::int8_t* const k_page = cache.k_codes + page * s.page_stride + h * s.head_stride;
     auto key_row = [&](std::int64_t q) {
       return q < old_end ? open + cache.open_offset(seq, q - start, h, 0) : new_row(q);  // q in [start, pos]
     };
@@ -319,6 +309,9 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
         std::uint32_t raw[kWords] = {};
         for_each_key(u, first_scaled, [&](std::int64_t, const Fragment<T, V>& x) { device::raw_abs_max_into(raw, x); });
         Fragment<float, V> sc, rs;
+        // The lean codes (kvq::quantize's per-channel path) where every channel of the unit is
+        // finite and its scale in the fast range; they hold for the rows its amax was taken over.
+        bool lean = true;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           std::uint32_t bits = raw[e * sizeof(T) / 4];
@@ -330,18 +323,21 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
             std::uint32_t m = 0;
             for (std::int64_t q = first_scaled; q <= pos; ++q) m = max(m, finite_abs_bits(to_float(key_row(q)[u * V + e])));
             amax = bits_to_float(m);
+            lean = false;
           }
+          lean &= lean_codes_apply(amax);
           sc[e] = scale_from_amax(amax);
           rs[e] = reciprocal(sc[e]);
           cache.k_scales[cache.channel_scale_offset(page, h, u * V + e)] = sc[e];
         }
         for_each_key(u, start, [&](std::int64_t q, const Fragment<T, V>& x) {
-          device::store<V>(codes + (q - start) * s.token_stride + u * V, device::quantize<V>(x, sc, rs));
+          with_codes_path<T>(lean && q >= first_scaled, [&](auto within_amax) {  // sinks: outside the amax
+            device::store<V>(k_page + (q - start) * s.token_stride + u * V,
+                             codes<decltype(within_amax)::value>(x, sc, rs));
+          });
         });
-        for (std::int64_t q = open_from; q <= open_to; ++q)  // after this unit's reads
-          device::store<V>(open + cache.open_offset(seq, q - open_from, h, u * V), device::load<V>(new_row(q) + u * V));
       }
-      continue;
+      return;
     }
     for (std::int64_t c = g.lane; c < d; c += kLanes) {
       auto key = [&](std::int64_t q) { return to_float(key_row(q)[c]); };
@@ -349,9 +345,73 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
       for (std::int64_t q = first_scaled; q <= pos; ++q) amax = max(amax, finite_abs_bits(key(q)));
       const float scale = scale_from_amax(bits_to_float(amax));
       cache.k_scales[cache.channel_scale_offset(page, h, c)] = scale;
-      for (std::int64_t q = start; q <= pos; ++q) codes[(q - start) * s.token_stride + c] = quantize_value(key(q), scale);
-      for (std::int64_t q = open_from; q <= open_to; ++q)  // after this channel's reads
-        open[cache.open_offset(seq, q - open_from, h, c)] = new_row(q)[c];
+      for (std::int64_t q = start; q <= pos; ++q) k_page[(q - start) * s.token_stride + c] = quantize_value(key(q), scale);
+    }
+  };
+  // Phase 1b, the pages this call closes: a contiguous range of tokens a block, its closers' (token,
+  // head) pairs spread over the block's groups. (Over a grid-stride walk of pairs, closers fall on
+  // the same few groups whenever the stride is a multiple of page_size x kv_heads.)
+  __shared__ std::int32_t closers[PagedPolicy::kThreads];  // offsets from `base`
+  __shared__ int closer_count;
+  const std::int64_t per_block = (rows.tokens + gridDim.x - 1) / gridDim.x;
+  const std::int64_t block_end = (blockIdx.x + 1) * per_block < rows.tokens ? (blockIdx.x + 1) * per_block : rows.tokens;
+  for (std::int64_t base = blockIdx.x * per_block; base < block_end; base += PagedPolicy::kThreads) {
+    if (threadIdx.x == 0) closer_count = 0;
+    __syncthreads();
+    if (const std::int64_t t = base + threadIdx.x;
+        t < block_end && paged_valid_token(cache, slot_mapping, tp, t, page_div) && page_div.mod(tp.positions[t]) == ps - 1)
+      closers[atomicAdd(&closer_count, 1)] = static_cast<std::int32_t>(threadIdx.x);
+    __syncthreads();
+    const std::int64_t items = closer_count * cache.kv_heads;
+    for (std::int64_t i = threadIdx.x / kLanes; i < items; i += groups_per_block) {
+      const std::int64_t c = head_div.div(i);
+      close_page(base + closers[c], i - c * cache.kv_heads);
+    }
+    __syncthreads();  // the list is rewritten next round
+  }
+
+  // Every closer has read the open-page buffer.
+  cooperative_groups::this_grid().sync();
+
+  // Phase 2, a token at a time: its K rows, where its page stays open, into the buffer.
+  for (std::int64_t t = first_group; t < rows.tokens; t += stride) {
+    if (slot_mapping[t] < 0 || !paged_valid_token(cache, slot_mapping, tp, t, page_div)) continue;  // counted above
+    const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], offset = page_div.mod(pos);
+    if (offset == ps - 1) continue;  // a closer
+    auto member = [&](std::int64_t jr) {
+      return jr < rows.tokens && paged_valid_token(cache, slot_mapping, tp, jr, page_div) && tp.seq_ids[jr] == seq &&
+             tp.positions[jr] == pos + (jr - t);
+    };
+    // The first row after t that is not in its run, within the page (none: the page closes).
+    std::uint32_t end = static_cast<std::uint32_t>(ps);  // beyond the page
+    for (std::int64_t k = 1 + g.lane; k <= ps - 1 - offset; k += kLanes)
+      if (!member(t + k)) {
+        end = static_cast<std::uint32_t>(k);
+        break;
+      }
+    end = ~device::warp_max_bits(~end, g.mask);  // the group's least
+    if (end == static_cast<std::uint32_t>(ps)) continue;  // the run reaches the page's end: closed
+    const std::int64_t after = t + end;
+    if (after < rows.tokens && slot_mapping[after] >= 0 && tp.seq_ids[after] == seq) continue;  // superseded
+    // Every head's row, kHeadBatch rows' loads in flight at a time (a decode step's latency).
+    constexpr int kHeadBatch = 8;
+    for (std::int64_t h0 = 0; h0 < cache.kv_heads; h0 += kHeadBatch) {
+      auto src = [&](int b) { return k_new + t * rows.token_stride + (h0 + b) * rows.head_stride; };
+      auto dst = [&](int b) { return open + cache.open_offset(seq, offset, h0 + b, 0); };
+      if (vectors) {
+        for (int u = g.lane; u < units; u += kLanes) {
+          device::Bits<V, T> xs[kHeadBatch];
+#pragma unroll
+          for (int b = 0; b < kHeadBatch; ++b)
+            if (h0 + b < cache.kv_heads) xs[b] = device::load_bits<V>(src(b) + u * V);
+#pragma unroll
+          for (int b = 0; b < kHeadBatch; ++b)
+            if (h0 + b < cache.kv_heads) device::store<V>(dst(b) + u * V, device::unpack<T, V>(xs[b]));
+        }
+      } else {
+        for (int b = 0; b < kHeadBatch && h0 + b < cache.kv_heads; ++b)
+          for (std::int64_t c = g.lane; c < d; c += kLanes) dst(b)[c] = src(b)[c];
+      }
     }
   }
 }
@@ -475,11 +535,28 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
                                      const std::int64_t* slot_mapping, const TokenPositions& tp,
                                      const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
   const bool vectors = append_takes_rows(k_new, v_new, rows, cache) && is_aligned(cache.k_open, 16);
-  return launch_by_lanes<T>(rows.tokens * cache.kv_heads * 2, cache.head_dim, [&](auto lanes, unsigned grid) {
-    append_kv_by_page_kernel<decltype(lanes)::value, T><<<grid, PagedPolicy::kThreads, 0, stream>>>(
-        k_new, v_new, rows, slot_mapping, tp, cache, vectors, Int64Divmod(cache.page_size), Int64Divmod(cache.kv_heads),
-        error_count);
+  cudaError_t err = cudaSuccess;
+  launch_by_lanes<T>(rows.tokens * cache.kv_heads, cache.head_dim, [&](auto lanes, unsigned grid) {
+    const auto kernel = append_kv_by_page_kernel<decltype(lanes)::value, T>;
+    // A cooperative launch (its grid barrier): no more blocks than run at once.
+    int device = 0, sms = 0, per_sm = 0;
+    if ((err = cudaGetDevice(&device)) != cudaSuccess ||
+        (err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess ||
+        (err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, PagedPolicy::kThreads, 0)) != cudaSuccess)
+      return;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(std::min(grid, static_cast<unsigned>(std::max(per_sm * sms, 1))));
+    config.blockDim = dim3(PagedPolicy::kThreads);
+    config.stream = stream;
+    cudaLaunchAttribute cooperative{};
+    cooperative.id = cudaLaunchAttributeCooperative;
+    cooperative.val.cooperative = 1;
+    config.attrs = &cooperative;
+    config.numAttrs = 1;
+    err = cudaLaunchKernelEx(&config, kernel, k_new, v_new, rows, slot_mapping, tp, cache, vectors,
+                             Int64Divmod(cache.page_size), Int64Divmod(cache.kv_heads), error_count);
   });
+  return err != cudaSuccess ? err : check_launch();
 }
 
 template <class T>
