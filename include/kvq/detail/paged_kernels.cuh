@@ -193,8 +193,7 @@ struct AppendByPagePolicy {
   static constexpr int kMinBlocksPerSm = 2;  // 128 registers a thread
   static constexpr int kRoundTokens = 64;  // tokens whose fates a block decides at a time
   static constexpr int kRowBatch = 4;      // rows a group has in flight
-  static constexpr int kTeamRows = 4;      // rows of a closing page a lane loads at a time
-  static constexpr int kWarpTeamRows = 8;  // pages of up to 32 / kLanes times this many rows: a warp
+  static constexpr int kTeamRows = 8;      // rows of a closing page a lane stages at a time
   static constexpr int kMaxChannels = 256; // vector rows: at most 32 units of at most 8 channels
 };
 
@@ -212,11 +211,27 @@ struct Int64Divmod {
   __device__ std::int64_t mod(std::int64_t x) const { return x - div(x) * d; }
 };
 
-/// Whether token j is written (the reference's detail::valid_token); `page` divides by page_size.
-__device__ inline bool paged_valid_token(const PagedCache& c, const std::int64_t* slots, const TokenPositions& tp,
-                                         std::int64_t j, const Int64Divmod& page) {
-  const std::int64_t slot = slots[j], seq = tp.seq_ids[j], pos = tp.positions[j];
-  return slot >= 0 && slot < c.slots() && seq >= 0 && seq < c.max_seqs && pos >= 0 && page.mod(pos) == page.mod(slot);
+/// A token's slot, sequence id and position; a row outside the call reads as padding.
+struct TokenMeta {
+  std::int64_t slot = -1;
+  std::int32_t seq = -1, pos = -1;
+};
+
+__device__ inline TokenMeta load_meta(const std::int64_t* slots, const TokenPositions& tp, std::int64_t tokens,
+                                      std::int64_t j) {
+  TokenMeta m;
+  if (j >= 0 && j < tokens) {
+    m.slot = slots[j];
+    m.seq = tp.seq_ids[j];
+    m.pos = tp.positions[j];
+  }
+  return m;
+}
+
+/// Whether a token is written (the reference's detail::valid_token); `page` divides by page_size.
+__device__ inline bool paged_valid_token(const PagedCache& c, const TokenMeta& m, const Int64Divmod& page) {
+  return m.slot >= 0 && m.slot < c.slots() && m.seq >= 0 && m.seq < c.max_seqs && m.pos >= 0 &&
+         page.mod(m.pos) == page.mod(m.slot);
 }
 
 /// What a token's K row does in its call.
@@ -230,39 +245,50 @@ enum class KeyFate : std::uint8_t {
 
 /// Token t's fate, decided by the lanes of group g together; for a closer, `nearest` becomes the
 /// distance back to the nearest row not in its run (the page's positions [pos - nearest + 1, pos]
-/// come from k_new, the earlier ones from k_open), at most its page offset + 1.
+/// come from k_new, the earlier ones from k_open), at most its page offset + 1. The kLanes rows on
+/// either side are loaded with t's own (one round trip decides a decode step's token, and any token
+/// of a page of up to kLanes + 1 rows); rows further away as a scan reaches them.
 template <int kLanes>
 __device__ inline KeyFate key_fate(const device::RowLanes<kLanes>& g, const PagedCache& c,
                                    const std::int64_t* slots, const TokenPositions& tp, std::int64_t tokens,
                                    std::int64_t t, const Int64Divmod& page, std::uint32_t& nearest) {
-  if (slots[t] < 0 || !paged_valid_token(c, slots, tp, t, page)) return KeyFate::kSkipped;
-  const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], offset = page.mod(pos), ps = c.page_size;
-  // Whether row j continues t's run: the same sequence at the position j - t further on.
-  auto member = [&](std::int64_t j) {
-    return j >= 0 && j < tokens && paged_valid_token(c, slots, tp, j, page) && tp.seq_ids[j] == seq &&
-           tp.positions[j] == pos + (j - t);
+  const TokenMeta me = load_meta(slots, tp, tokens, t);
+  const TokenMeta next = load_meta(slots, tp, tokens, t + 1 + g.lane), prev = load_meta(slots, tp, tokens, t - 1 - g.lane);
+  if (!paged_valid_token(c, me, page)) return KeyFate::kSkipped;
+  const std::int64_t offset = page.mod(me.pos), ps = c.page_size;
+  // Whether row t + k (m its meta) continues t's run: the same sequence, k positions on.
+  auto in_run = [&](const TokenMeta& m, std::int64_t k) {
+    return paged_valid_token(c, m, page) && m.seq == me.seq && m.pos == me.pos + k;
   };
-  // The least k in [1, limit] whose row t + dir * k is not in the run (limit + 1 if none).
-  auto run_break = [&](std::int64_t dir, std::int64_t limit) {
+  // The least k in [1, limit] whose row t + dir * k is not in the run (limit + 1 if none), and
+  // that row's meta when k <= kLanes (the scan's first rows, held by lane k - 1).
+  auto run_break = [&](std::int64_t dir, std::int64_t limit, const TokenMeta& near) {
     std::uint32_t k_min = static_cast<std::uint32_t>(limit + 1);
     for (std::int64_t k = 1 + g.lane; k <= limit; k += kLanes)
-      if (!member(t + dir * k)) {
+      if (!in_run(k == 1 + g.lane ? near : load_meta(slots, tp, tokens, t + dir * k), dir * k)) {
         k_min = static_cast<std::uint32_t>(k);
         break;
       }
     return ~device::warp_max_bits(~k_min, g.mask);  // the group's least
   };
+  auto seq_of = [&](std::int64_t j, std::uint32_t k, const TokenMeta& near) {  // row j = t +- k's id, slot
+    TokenMeta m = k <= kLanes ? TokenMeta{__shfl_sync(g.mask, near.slot, static_cast<int>(k - 1), kLanes),
+                                          __shfl_sync(g.mask, near.seq, static_cast<int>(k - 1), kLanes), 0}
+                              : load_meta(slots, tp, tokens, j);
+    return m;
+  };
   if (offset == ps - 1) {
-    nearest = run_break(-1, offset);
+    nearest = run_break(-1, offset, prev);
     return KeyFate::kCloses;
   }
-  const std::int64_t end = run_break(1, ps - 1 - offset);
+  const std::uint32_t end = run_break(1, ps - 1 - offset, next);
   if (end == ps - offset) return KeyFate::kNone;  // the run reaches the page's end: its closer reads it
-  const std::int64_t after = t + end;
-  const bool seq_goes_on = after < tokens && tp.seq_ids[after] == seq;
-  if (seq_goes_on && slots[after] >= 0) return KeyFate::kNone;  // superseded
-  const std::int64_t before = t - run_break(-1, offset);  // the row before the run's part in this page
-  return seq_goes_on || (before >= 0 && tp.seq_ids[before] == seq) ? KeyFate::kOpensLate : KeyFate::kOpensNow;
+  const TokenMeta after = seq_of(t + end, end, next);
+  const bool seq_goes_on = after.seq == me.seq && t + end < tokens;
+  if (seq_goes_on && after.slot >= 0) return KeyFate::kNone;  // superseded
+  const std::uint32_t back = run_break(-1, offset, prev);  // to the row before the run's part in this page
+  const TokenMeta before = seq_of(t - back, back, prev);
+  return seq_goes_on || (before.seq == me.seq && t - back >= 0) ? KeyFate::kOpensLate : KeyFate::kOpensNow;
 }
 
 /// A closing page's rows are quantized by a team: one warp where the page's rows fit kTeamRows a
@@ -278,7 +304,7 @@ struct CloserTeam {
   int rows;      // rows a lane holds, ceil(page_size / rowslots)
   __device__ explicit CloserTeam(std::int64_t page_size) {
     using P = AppendByPagePolicy;
-    block = page_size > (32 / kLanes) * P::kWarpTeamRows;
+    block = page_size > (32 / kLanes) * P::kTeamRows;
     threads = block ? P::kThreads : 32;
     index = static_cast<int>(threadIdx.x) / threads;
     rowslot = static_cast<int>(threadIdx.x) % threads / kLanes;
@@ -318,6 +344,7 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
   __shared__ int closer_count, late;
   __shared__ std::uint32_t team_max[P::kWarps][32][kWords];      // a block team's raw amax by warp
   __shared__ std::uint32_t exact_max[P::kWarps][P::kMaxChannels];  // a team's finite amax, NaN/Inf pages
+  __shared__ uint4 stage[P::kTeamRows][P::kThreads];               // a closing page's rows, by thread
   if (threadIdx.x == 0) late = 0;
 
   // A contiguous range of tokens a block: its tokens' rows are neighbours in memory, and a
@@ -381,20 +408,22 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     const bool has_unit = u < units;
     auto row_q = [&](int k) { return start + team.rowslot + static_cast<std::int64_t>(k) * team.rowslots; };
     auto held_row = [&](int k) { return k < team.rows && row_q(k) <= pos; };
-    device::Bits<V, T> xs[P::kTeamRows];
-    auto load_rows = [&](int k0) {
+    // The lane's rows are staged in shared memory by cp.async, kTeamRows at a time: all in flight at
+    // once without holding registers, and read twice (amax, codes).
+    auto stage_rows = [&](int k0) {
 #pragma unroll
       for (int b = 0; b < P::kTeamRows; ++b)
-        if (has_unit && held_row(k0 + b)) xs[b] = device::load_bits<V>(key_row(row_q(k0 + b)) + u * V);
+        if (has_unit && held_row(k0 + b)) copy_async_16(&stage[b][threadIdx.x], key_row(row_q(k0 + b)) + u * V);
+      copy_async_wait_all();
     };
+    auto staged = [&](int b) { return device::unpack<T, V>(reinterpret_cast<const device::Bits<V, T>&>(stage[b][threadIdx.x])); };
     // Each channel's raw amax over the lane's rows, then over the team's rowslots.
     std::uint32_t raw[kWords] = {};
     for (int k0 = 0; k0 < team.rows; k0 += P::kTeamRows) {
-      load_rows(k0);
+      stage_rows(k0);
 #pragma unroll
       for (int b = 0; b < P::kTeamRows; ++b)
-        if (has_unit && held_row(k0 + b) && row_q(k0 + b) >= first_scaled)
-          device::raw_abs_max_into(raw, device::unpack<T, V>(xs[b]));
+        if (has_unit && held_row(k0 + b) && row_q(k0 + b) >= first_scaled) device::raw_abs_max_into(raw, staged(b));
     }
 #pragma unroll
     for (int w = 0; w < kWords; ++w)
@@ -451,12 +480,12 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     // (A page with sinks takes the exact path throughout: the same codes, sinks outside the amax.)
     with_codes_path<T>(lean && start >= cache.sink_tokens, [&](auto within_amax) {
       for (int k0 = 0; k0 < team.rows; k0 += P::kTeamRows) {
-        load_rows(k0);  // again (from L1): holding them through the reduction spills
+        if (team.rows > P::kTeamRows) stage_rows(k0);  // else staged since the amax pass
 #pragma unroll
         for (int b = 0; b < P::kTeamRows; ++b)
           if (has_unit && held_row(k0 + b))
             device::store<V>(k_page + (row_q(k0 + b) - start) * s.token_stride + u * V,
-                             codes<decltype(within_amax)::value>(device::unpack<T, V>(xs[b]), sc, rs));
+                             codes<decltype(within_amax)::value>(staged(b), sc, rs));
       }
     });
   };
@@ -465,24 +494,50 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     const int n = static_cast<int>(min(std::int64_t{P::kRoundTokens}, last - base));
     if (threadIdx.x == 0) closer_count = 0;
     __syncthreads();  // the previous round's readers are done
-    decide(base, n, true);
-    __syncthreads();
     // The round's rows, kRowBatch a group at a time with their loads in flight together: items
     // [0, pairs) are (token, head) V rows (and sinks), [pairs, 2 * pairs) K rows that open a page now.
+    // The first batch is loaded before the fates are known, for every token that is not padding
+    // (its rows' addresses are known; a decode step's round is one batch).
     const int pairs = n * static_cast<int>(heads);
     auto owns = [&](int) { return g.lane < units; };  // vectors: one unit a lane
+    auto item = [&](int i, std::int64_t& t, std::int64_t& h) {  // item i's token and head; whether V
+      const int pair = i < pairs ? i : i - pairs, local = static_cast<int>(head_div.div(pair));
+      t = base + local;
+      h = pair - local * heads;
+      return i < pairs;
+    };
+    device::Bits<V, T> held[P::kRowBatch][1];
+    auto load_batch = [&](int i0, const bool (&live)[P::kRowBatch]) {
+#pragma unroll
+      for (int b = 0; b < P::kRowBatch; ++b) {
+        std::int64_t t, h;
+        const bool is_v = item(i0 + b * kGroups, t, h);
+        if (live[b] && vectors && owns(0)) held[b][0] = device::load_bits<V>(row_of(is_v ? v_new : k_new, t, h) + g.lane * V);
+      }
+    };
+    {
+      bool early[P::kRowBatch];
+#pragma unroll
+      for (int b = 0; b < P::kRowBatch; ++b) {
+        std::int64_t t, h;
+        const int i = group + b * kGroups;
+        early[b] = i < 2 * pairs && (item(i, t, h), slot_mapping[t] >= 0);
+      }
+      load_batch(group, early);
+    }
+    decide(base, n, true);
+    __syncthreads();
     for (int i0 = group; i0 < 2 * pairs; i0 += P::kRowBatch * kGroups) {
-      device::Bits<V, T> held[P::kRowBatch][1];
       bool live[P::kRowBatch];
 #pragma unroll
       for (int b = 0; b < P::kRowBatch; ++b) {
-        const int i = i0 + b * kGroups, pair = i < pairs ? i : i - pairs, local = static_cast<int>(head_div.div(pair));
-        const bool is_v = i < pairs;
-        live[b] = i < 2 * pairs && (is_v ? fate[local] != KeyFate::kSkipped : fate[local] == KeyFate::kOpensNow);
-        if (!live[b]) continue;
-        const std::int64_t t = base + local, h = pair - local * heads;
-        if (vectors && owns(0)) held[b][0] = device::load_bits<V>(row_of(is_v ? v_new : k_new, t, h) + g.lane * V);
+        std::int64_t t, h;
+        const int i = i0 + b * kGroups;
+        const bool is_v = i < 2 * pairs && item(i, t, h);
+        const KeyFate f = i < 2 * pairs ? fate[t - base] : KeyFate::kSkipped;
+        live[b] = is_v ? f != KeyFate::kSkipped : f == KeyFate::kOpensNow;
       }
+      if (i0 != group) load_batch(i0, live);
 #pragma unroll
       for (int b = 0; b < P::kRowBatch; ++b) {
         if (!live[b]) continue;
