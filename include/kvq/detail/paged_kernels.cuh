@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -192,7 +193,6 @@ struct AppendByPagePolicy {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kMinBlocksPerSm = 2;  // 128 registers a thread
   static constexpr int kRoundTokens = 64;  // tokens whose fates a block decides at a time
-  static constexpr int kRowBatch = 4;      // rows a group has in flight
   static constexpr int kTeamRows = 8;      // rows of a closing page a lane stages at a time
   static constexpr int kMaxChannels = 256; // vector rows: at most 32 units of at most 8 channels
 };
@@ -319,7 +319,7 @@ struct CloserTeam {
   __device__ bool any(bool p) const { return block ? __syncthreads_or(p) != 0 : __any_sync(kFullMask, p) != 0; }
 };
 
-template <int kLanes, class T>
+template <int kLanes, int kUnits, class T>
 KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePolicy::kMinBlocksPerSm)
     append_kv_by_page_kernel(const T* k_new, const T* v_new,  // rows (tokens, kv_heads, head_dim)
                              TokenRows rows,
@@ -328,15 +328,22 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
                              PagedCache cache,
                              bool vectors,  // append_takes_rows, and k_open 16-byte aligned
                              Int64Divmod page_div, Int64Divmod head_div,  // by page_size, by kv_heads
+                             bool grid_barrier,
                              unsigned long long* error_count) {  // optional
   using P = AppendByPagePolicy;
   constexpr int V = 16 / sizeof(T), kWords = V * sizeof(T) / 4, kGroups = P::kThreads / kLanes;
+  // Rows of V (and open rows of K) by groups of kRowLanes lanes, kUnits units a lane (a prefill's
+  // wide lanes, as append_kv_rows_kernel); fates and closing pages by groups of kLanes, a unit a lane.
+  constexpr int kRowLanes = kLanes / kUnits, kRowGroups = P::kThreads / kRowLanes, kRowBatch = 4 / kUnits;
+  static_assert(kRowBatch >= 1 && kRowLanes >= 1, "kvq: kUnits is 1, 2 or 4");
   const auto g = device::RowLanes<kLanes>::this_thread();
-  const int group = static_cast<int>(threadIdx.x) / kLanes;
+  const auto r = device::RowLanes<kRowLanes>::this_thread();
+  const int group = static_cast<int>(threadIdx.x) / kLanes, row_group = static_cast<int>(threadIdx.x) / kRowLanes;
   const std::int64_t ps = cache.page_size, d = cache.head_dim, heads = cache.kv_heads;
   const int units = vectors ? static_cast<int>(d / V) : 0;  // vectors: at most kLanes (paged_lanes)
   T* const open = static_cast<T*>(cache.k_open);
   auto row_of = [&](const T* x, std::int64_t t, std::int64_t h) { return x + t * rows.token_stride + h * rows.head_stride; };
+  auto owns = [&](int u) { return r.lane + u * kRowLanes < units; };  // step 2's unit r.lane + u * kRowLanes
 
   __shared__ KeyFate fate[P::kRoundTokens];
   __shared__ std::uint32_t nearest[P::kRoundTokens];
@@ -410,10 +417,19 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     auto held_row = [&](int k) { return k < team.rows && row_q(k) <= pos; };
     // The lane's rows are staged in shared memory by cp.async, kTeamRows at a time: all in flight at
     // once without holding registers, and read twice (amax, codes).
+    // Row k of the lane is position start + rowslot + k * rowslots: in the buffer below old_end,
+    // else in k_new; each a fixed stride from the lane's first.
+    const T* const open_row = open + cache.open_offset(seq, team.rowslot, h, u * V);
+    const T* const new_row = row_of(k_new, t + (start + team.rowslot - pos), h) + u * V;
+    const std::int64_t open_step = team.rowslots * heads * d, new_step = team.rowslots * rows.token_stride;
+    const int old_rows = static_cast<int>((old_end - start - team.rowslot + team.rowslots - 1) / team.rowslots);
     auto stage_rows = [&](int k0) {
 #pragma unroll
-      for (int b = 0; b < P::kTeamRows; ++b)
-        if (has_unit && held_row(k0 + b)) copy_async_16(&stage[b][threadIdx.x], key_row(row_q(k0 + b)) + u * V);
+      for (int b = 0; b < P::kTeamRows; ++b) {
+        const int k = k0 + b;
+        if (has_unit && held_row(k))
+          copy_async_16(&stage[b][threadIdx.x], k < old_rows ? open_row + k * open_step : new_row + k * new_step);
+      }
       copy_async_wait_all();
     };
     auto staged = [&](int b) { return device::unpack<T, V>(reinterpret_cast<const device::Bits<V, T>&>(stage[b][threadIdx.x])); };
@@ -477,6 +493,8 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
       rs[e] = reciprocal(sc[e]);
       if (has_unit && team.rowslot == 0) k_scales[u * V + e] = sc[e];
     }
+    std::int8_t* const code_row = k_page + team.rowslot * s.token_stride + u * V;
+    const std::int64_t code_step = team.rowslots * s.token_stride;
     // (A page with sinks takes the exact path throughout: the same codes, sinks outside the amax.)
     with_codes_path<T>(lean && start >= cache.sink_tokens, [&](auto within_amax) {
       for (int k0 = 0; k0 < team.rows; k0 += P::kTeamRows) {
@@ -484,8 +502,7 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
 #pragma unroll
         for (int b = 0; b < P::kTeamRows; ++b)
           if (has_unit && held_row(k0 + b))
-            device::store<V>(k_page + (row_q(k0 + b) - start) * s.token_stride + u * V,
-                             codes<decltype(within_amax)::value>(staged(b), sc, rs));
+            device::store<V>(code_row + (k0 + b) * code_step, codes<decltype(within_amax)::value>(staged(b), sc, rs));
       }
     });
   };
@@ -494,69 +511,78 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     const int n = static_cast<int>(min(std::int64_t{P::kRoundTokens}, last - base));
     if (threadIdx.x == 0) closer_count = 0;
     __syncthreads();  // the previous round's readers are done
-    // The round's rows, kRowBatch a group at a time with their loads in flight together: items
-    // [0, pairs) are (token, head) V rows (and sinks), [pairs, 2 * pairs) K rows that open a page now.
-    // The first batch is loaded before the fates are known, for every token that is not padding
-    // (its rows' addresses are known; a decode step's round is one batch).
+    // The round's rows by groups of kRowLanes lanes (kUnits units a lane), kRowBatch rows a group
+    // with their loads in flight together: items [0, pairs) are (token, head) V rows (and sinks),
+    // [pairs, 2 * pairs) K rows that open a page now. The first batch is loaded before the fates are
+    // known, for every token that is not padding (a decode step's round is one batch).
     const int pairs = n * static_cast<int>(heads);
-    auto owns = [&](int) { return g.lane < units; };  // vectors: one unit a lane
     auto item = [&](int i, std::int64_t& t, std::int64_t& h) {  // item i's token and head; whether V
       const int pair = i < pairs ? i : i - pairs, local = static_cast<int>(head_div.div(pair));
       t = base + local;
       h = pair - local * heads;
       return i < pairs;
     };
-    device::Bits<V, T> held[P::kRowBatch][1];
-    auto load_batch = [&](int i0, const bool (&live)[P::kRowBatch]) {
+    device::Bits<V, T> held[kRowBatch][kUnits];
+    auto load_batch = [&](int i0, const bool (&live)[kRowBatch]) {
 #pragma unroll
-      for (int b = 0; b < P::kRowBatch; ++b) {
+      for (int b = 0; b < kRowBatch; ++b) {
         std::int64_t t, h;
-        const bool is_v = item(i0 + b * kGroups, t, h);
-        if (live[b] && vectors && owns(0)) held[b][0] = device::load_bits<V>(row_of(is_v ? v_new : k_new, t, h) + g.lane * V);
+        const bool is_v = item(i0 + b * kRowGroups, t, h);
+        const T* x = row_of(is_v ? v_new : k_new, t, h);
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u)
+          if (live[b] && vectors && owns(u)) held[b][u] = device::load_bits<V>(x + (r.lane + u * kRowLanes) * V);
       }
     };
     {
-      bool early[P::kRowBatch];
+      bool early[kRowBatch];
 #pragma unroll
-      for (int b = 0; b < P::kRowBatch; ++b) {
+      for (int b = 0; b < kRowBatch; ++b) {
         std::int64_t t, h;
-        const int i = group + b * kGroups;
+        const int i = row_group + b * kRowGroups;
         early[b] = i < 2 * pairs && (item(i, t, h), slot_mapping[t] >= 0);
       }
-      load_batch(group, early);
+      load_batch(row_group, early);
     }
     decide(base, n, true);
     __syncthreads();
-    for (int i0 = group; i0 < 2 * pairs; i0 += P::kRowBatch * kGroups) {
-      bool live[P::kRowBatch];
+    for (int i0 = row_group; i0 < 2 * pairs; i0 += kRowBatch * kRowGroups) {
+      bool live[kRowBatch];
 #pragma unroll
-      for (int b = 0; b < P::kRowBatch; ++b) {
+      for (int b = 0; b < kRowBatch; ++b) {
         std::int64_t t, h;
-        const int i = i0 + b * kGroups;
+        const int i = i0 + b * kRowGroups;
         const bool is_v = i < 2 * pairs && item(i, t, h);
         const KeyFate f = i < 2 * pairs ? fate[t - base] : KeyFate::kSkipped;
         live[b] = is_v ? f != KeyFate::kSkipped : f == KeyFate::kOpensNow;
       }
-      if (i0 != group) load_batch(i0, live);
+      if (i0 != row_group) load_batch(i0, live);
 #pragma unroll
-      for (int b = 0; b < P::kRowBatch; ++b) {
+      for (int b = 0; b < kRowBatch; ++b) {
         if (!live[b]) continue;
-        const int i = i0 + b * kGroups, pair = i < pairs ? i : i - pairs, local = static_cast<int>(head_div.div(pair));
-        const std::int64_t t = base + local, h = pair - local * heads;
-        if (i >= pairs) {
-          write_open_row(t, h, held[b][0]);
+        std::int64_t t, h;
+        if (!item(i0 + b * kRowGroups, t, h)) {  // a K row into the open-page buffer
+          T* dst = open + cache.open_offset(tp.seq_ids[t], page_div.mod(tp.positions[t]), h, 0);
+          if (vectors) {
+#pragma unroll
+            for (int u = 0; u < kUnits; ++u)
+              if (owns(u)) device::store<V>(dst + (r.lane + u * kRowLanes) * V, device::unpack<T, V>(held[b][u]));
+          } else {
+            const T* src = row_of(k_new, t, h);
+            for (std::int64_t c = r.lane; c < d; c += kRowLanes) dst[c] = src[c];
+          }
           continue;
         }
         const std::int64_t slot = slot_mapping[t], page = page_div.div(slot), slot_offset = slot - page * ps;
         const PageStrides& s = cache.v_strides;
         std::int8_t* dst = cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride;
         float* scale = cache.v_scales + cache.scale_offset(slot, h);
-        if (vectors) quantize_held_row<kLanes, 1, T>(g, held[b], owns, dst, scale);
-        else device::quantize_row(g, row_of(v_new, t, h), d, dst, scale);
+        if (vectors) quantize_held_row<kRowLanes, kUnits, T>(r, held[b], owns, dst, scale);
+        else device::quantize_row(r, row_of(v_new, t, h), d, dst, scale);
         if (const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t]; pos < cache.sink_tokens) {
           T* k_sink = static_cast<T*>(cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
           T* v_sink = static_cast<T*>(cache.v_sink) + cache.sink_offset(seq, pos, h, 0);
-          for (std::int64_t c = g.lane; c < d; c += kLanes) {
+          for (std::int64_t c = r.lane; c < d; c += kRowLanes) {
             k_sink[c] = row_of(k_new, t, h)[c];
             v_sink[c] = row_of(v_new, t, h)[c];
           }
@@ -574,6 +600,7 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
   // Every block's closers have read the buffer once every block has arrived. A block with no late
   // open row arrives and goes on (the barrier completes on arrivals alone: cooperative_groups'
   // grid barrier counts them, and waiting only polls for the count).
+  if (!grid_barrier) return;  // EXPERIMENT: an ordinary launch
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   auto arrival = grid.barrier_arrive();  // synchronizes the block first: `late` is final
   if (!late) return;
@@ -708,9 +735,9 @@ cudaError_t launch_append_kv(const T* k_new, const T* v_new, const TokenRows& ro
   });
 }
 
-/// Blocks of append_kv_by_page_kernel<kLanes, T> that run at once on the current device: a
-/// cooperative launch's most. Asked of the runtime once a device (a decode step is called often).
-template <int kLanes, class T>
+/// Blocks of append_kv_by_page_kernel<kLanes, kUnits, T> that run at once on the current device:
+/// a cooperative launch's most. Asked of the runtime once a device (a decode step is called often).
+template <int kLanes, int kUnits, class T>
 cudaError_t append_by_page_blocks(int& blocks) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
@@ -721,7 +748,7 @@ cudaError_t append_by_page_blocks(int& blocks) {
   if (cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); err != cudaSuccess)
     return err;
   if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, append_kv_by_page_kernel<kLanes, T>, AppendByPagePolicy::kThreads, 0);
+          &per_sm, append_kv_by_page_kernel<kLanes, kUnits, T>, AppendByPagePolicy::kThreads, 0);
       err != cudaSuccess)
     return err;
   blocks = std::max(per_sm * sms, 1);
@@ -734,10 +761,11 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
                                      const std::int64_t* slot_mapping, const TokenPositions& tp,
                                      const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
   const bool vectors = append_takes_rows(k_new, v_new, rows, cache) && is_aligned(cache.k_open, 16);
-  auto launch = [&](auto lanes) {
-    constexpr int L = decltype(lanes)::value;
+  const bool grid_barrier = std::getenv("KVQ_EXP_NO_BARRIER") == nullptr;  // EXPERIMENT
+  auto launch = [&](auto lanes, auto units_per_lane) {
+    constexpr int L = decltype(lanes)::value, U = decltype(units_per_lane)::value;
     int blocks = 0;
-    if (cudaError_t err = append_by_page_blocks<L, T>(blocks); err != cudaSuccess) return err;
+    if (cudaError_t err = append_by_page_blocks<L, U, T>(blocks); err != cudaSuccess) return err;
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(std::min<std::int64_t>(blocks, rows.tokens)));  // a block a token at most
     config.blockDim = dim3(AppendByPagePolicy::kThreads);
@@ -746,18 +774,26 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
     cooperative.id = cudaLaunchAttributeCooperative;
     cooperative.val.cooperative = 1;
     config.attrs = &cooperative;
-    config.numAttrs = 1;
-    if (cudaError_t err = cudaLaunchKernelEx(&config, append_kv_by_page_kernel<L, T>, k_new, v_new, rows, slot_mapping,
-                                             tp, cache, vectors, Int64Divmod(cache.page_size),
-                                             Int64Divmod(cache.kv_heads), error_count);
+    config.numAttrs = grid_barrier ? 1 : 0;
+    if (cudaError_t err = cudaLaunchKernelEx(&config, append_kv_by_page_kernel<L, U, T>, k_new, v_new, rows,
+                                             slot_mapping, tp, cache, vectors, Int64Divmod(cache.page_size),
+                                             Int64Divmod(cache.kv_heads), grid_barrier, error_count);
         err != cudaSuccess)
       return err;
     return check_launch();
   };
+  // A prefill's V rows take four units a lane (fewer, wider lanes), as append_kv_rows_kernel's.
+  constexpr std::int64_t V = 16 / sizeof(T), kWideRows = 132 * 256;
+  const bool wide = vectors && rows.tokens * cache.kv_heads >= kWideRows && cache.head_dim / V > 4;
+  using I1 = std::integral_constant<int, 1>;
+  using I4 = std::integral_constant<int, 4>;
   const int lanes = paged_lanes<T>(cache.head_dim);
-  return lanes == 8    ? launch(std::integral_constant<int, 8>{})
-         : lanes == 16 ? launch(std::integral_constant<int, 16>{})
-                       : launch(std::integral_constant<int, 32>{});
+  auto with_lanes = [&](auto units_per_lane) {
+    return lanes == 8    ? launch(std::integral_constant<int, 8>{}, units_per_lane)
+           : lanes == 16 ? launch(std::integral_constant<int, 16>{}, units_per_lane)
+                         : launch(std::integral_constant<int, 32>{}, units_per_lane);
+  };
+  return wide ? with_lanes(I4{}) : with_lanes(I1{});
 }
 
 template <class T>
