@@ -24,7 +24,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -328,7 +327,6 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
                              PagedCache cache,
                              bool vectors,  // append_takes_rows, and k_open 16-byte aligned
                              Int64Divmod page_div, Int64Divmod head_div,  // by page_size, by kv_heads
-                             bool grid_barrier,
                              unsigned long long* error_count) {  // optional
   using P = AppendByPagePolicy;
   constexpr int V = 16 / sizeof(T), kWords = V * sizeof(T) / 4, kGroups = P::kThreads / kLanes;
@@ -600,7 +598,6 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
   // Every block's closers have read the buffer once every block has arrived. A block with no late
   // open row arrives and goes on (the barrier completes on arrivals alone: cooperative_groups'
   // grid barrier counts them, and waiting only polls for the count).
-  if (!grid_barrier) return;  // EXPERIMENT: an ordinary launch
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   auto arrival = grid.barrier_arrive();  // synchronizes the block first: `late` is final
   if (!late) return;
@@ -761,7 +758,6 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
                                      const std::int64_t* slot_mapping, const TokenPositions& tp,
                                      const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
   const bool vectors = append_takes_rows(k_new, v_new, rows, cache) && is_aligned(cache.k_open, 16);
-  const bool grid_barrier = std::getenv("KVQ_EXP_NO_BARRIER") == nullptr;  // EXPERIMENT
   auto launch = [&](auto lanes, auto units_per_lane) {
     constexpr int L = decltype(lanes)::value, U = decltype(units_per_lane)::value;
     int blocks = 0;
@@ -774,10 +770,10 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
     cooperative.id = cudaLaunchAttributeCooperative;
     cooperative.val.cooperative = 1;
     config.attrs = &cooperative;
-    config.numAttrs = grid_barrier ? 1 : 0;
+    config.numAttrs = 1;
     if (cudaError_t err = cudaLaunchKernelEx(&config, append_kv_by_page_kernel<L, U, T>, k_new, v_new, rows,
                                              slot_mapping, tp, cache, vectors, Int64Divmod(cache.page_size),
-                                             Int64Divmod(cache.kv_heads), grid_barrier, error_count);
+                                             Int64Divmod(cache.kv_heads), error_count);
         err != cudaSuccess)
       return err;
     return check_launch();
