@@ -128,7 +128,7 @@ struct PagedCache {
 /// position in it (int32, device memory, one per token). The tokens of one sequence within one
 /// call must be consecutive rows with consecutive positions (as engines lay out a batch), and
 /// slot % page_size must equal position % page_size; a sequence's positions restart at 0 when its
-/// id is reused.
+/// id is reused. A padding row (negative slot) between two rows of one sequence must carry its id.
 struct TokenPositions {
   const std::int32_t* seq_ids = nullptr;
   const std::int32_t* positions = nullptr;

@@ -23,8 +23,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 KVQ_NAMESPACE_BEGIN
 namespace detail {
@@ -174,12 +176,25 @@ inline bool append_takes_rows(const T* k_new, const T* v_new, const TokenRows& r
 // and then either to the open-page buffer (its page is still open after the call) or nowhere yet
 // (its page fills in this call): the page's last token closes it, computing each channel's scale
 // over the page's non-sink tokens and every code. A closing page reads its earlier tokens from
-// the open-page buffer as it was before the call, and the call's from k_new; the open rows the
-// call leaves may reuse those buffer rows (a half-filled page closes while a later one opens), so
-// the kernel runs in two phases with one grid barrier between them (a cooperative launch): first
-// V rows, sinks and closers, then the open rows. Every decision reads rows within one page: whether
-// a row's run reaches its page's end, where in the page it began, and (open rows) whether the row
-// after its run is another of its sequence (reference::append_kv's `superseded`).
+// the open-page buffer as it was before the call, and the call's from k_new. Every decision reads
+// rows within one page: whether a row's run reaches its page's end, where in the page it began,
+// and (open rows) whether the row after its run is another of its sequence (reference::append_kv's
+// `superseded`).
+//
+// The open rows a call leaves may reuse buffer rows a closing page still has to read (a half-filled
+// page closes while a later one of its sequence opens), so the kernel is a cooperative launch with
+// one grid barrier: an open row whose sequence has other rows in the call waits for every block's
+// closers. One whose sequence has none (a decode step's) cannot share a buffer with a closer, since
+// a sequence's rows are consecutive, and is written at once: a decode step never waits.
+
+struct AppendByPagePolicy {
+  static constexpr int kThreads = 256;     // eight warps: a decode step's closing heads at once, a warp each
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kMinBlocksPerSm = 2;  // 128 registers a thread
+  static constexpr int kRoundTokens = 64;  // tokens whose fates a block decides at a time
+  static constexpr int kTeamRows = 8;      // rows of a closing page a lane stages at a time
+  static constexpr int kMaxChannels = 256; // vector rows: at most 32 units of at most 8 channels
+};
 
 /// x / d and x % d (C++'s, truncating) for d = f.divisor: by FastDivmod where 0 <= x < 2^31,
 /// the common case, and by `/` elsewhere.
@@ -195,15 +210,116 @@ struct Int64Divmod {
   __device__ std::int64_t mod(std::int64_t x) const { return x - div(x) * d; }
 };
 
-/// Whether token j is written (the reference's detail::valid_token); `page` divides by page_size.
-__device__ inline bool paged_valid_token(const PagedCache& c, const std::int64_t* slots, const TokenPositions& tp,
-                                         std::int64_t j, const Int64Divmod& page) {
-  const std::int64_t slot = slots[j], seq = tp.seq_ids[j], pos = tp.positions[j];
-  return slot >= 0 && slot < c.slots() && seq >= 0 && seq < c.max_seqs && pos >= 0 && page.mod(pos) == page.mod(slot);
+/// A token's slot, sequence id and position; a row outside the call reads as padding.
+struct TokenMeta {
+  std::int64_t slot = -1;
+  std::int32_t seq = -1, pos = -1;
+};
+
+__device__ inline TokenMeta load_meta(const std::int64_t* slots, const TokenPositions& tp, std::int64_t tokens,
+                                      std::int64_t j) {
+  TokenMeta m;
+  if (j >= 0 && j < tokens) {
+    m.slot = slots[j];
+    m.seq = tp.seq_ids[j];
+    m.pos = tp.positions[j];
+  }
+  return m;
 }
 
-template <int kLanes, class T>
-KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
+/// Whether a token is written (the reference's detail::valid_token); `page` divides by page_size.
+__device__ inline bool paged_valid_token(const PagedCache& c, const TokenMeta& m, const Int64Divmod& page) {
+  return m.slot >= 0 && m.slot < c.slots() && m.seq >= 0 && m.seq < c.max_seqs && m.pos >= 0 &&
+         page.mod(m.pos) == page.mod(m.slot);
+}
+
+/// What a token's K row does in its call.
+enum class KeyFate : std::uint8_t {
+  kSkipped,    ///< padding or untrusted: no K or V row
+  kNone,       ///< its run reaches its page's end (the closer reads it from k_new), or it is superseded
+  kCloses,     ///< its page's last position: it quantizes the page
+  kOpensNow,   ///< into k_open now: no other row of its sequence is in the call
+  kOpensLate,  ///< into k_open after the grid barrier, once every closer has read the buffer
+};
+
+/// Token t's fate, decided by the lanes of group g together; for a closer, `nearest` becomes the
+/// distance back to the nearest row not in its run (the page's positions [pos - nearest + 1, pos]
+/// come from k_new, the earlier ones from k_open), at most its page offset + 1. The kLanes rows on
+/// either side are loaded with t's own (one round trip decides a decode step's token, and any token
+/// of a page of up to kLanes + 1 rows); rows further away as a scan reaches them.
+template <int kLanes>
+__device__ inline KeyFate key_fate(const device::RowLanes<kLanes>& g, const PagedCache& c,
+                                   const std::int64_t* slots, const TokenPositions& tp, std::int64_t tokens,
+                                   std::int64_t t, const Int64Divmod& page, std::uint32_t& nearest) {
+  const TokenMeta me = load_meta(slots, tp, tokens, t);
+  const TokenMeta next = load_meta(slots, tp, tokens, t + 1 + g.lane), prev = load_meta(slots, tp, tokens, t - 1 - g.lane);
+  if (!paged_valid_token(c, me, page)) return KeyFate::kSkipped;
+  const std::int64_t offset = page.mod(me.pos), ps = c.page_size;
+  // Whether row t + k (m its meta) continues t's run: the same sequence, k positions on.
+  auto in_run = [&](const TokenMeta& m, std::int64_t k) {
+    return paged_valid_token(c, m, page) && m.seq == me.seq && m.pos == me.pos + k;
+  };
+  // The least k in [1, limit] whose row t + dir * k is not in the run (limit + 1 if none), and
+  // that row's meta when k <= kLanes (the scan's first rows, held by lane k - 1).
+  auto run_break = [&](std::int64_t dir, std::int64_t limit, const TokenMeta& near) {
+    std::uint32_t k_min = static_cast<std::uint32_t>(limit + 1);
+    for (std::int64_t k = 1 + g.lane; k <= limit; k += kLanes)
+      if (!in_run(k == 1 + g.lane ? near : load_meta(slots, tp, tokens, t + dir * k), dir * k)) {
+        k_min = static_cast<std::uint32_t>(k);
+        break;
+      }
+    return ~device::warp_max_bits(~k_min, g.mask);  // the group's least
+  };
+  auto seq_of = [&](std::int64_t j, std::uint32_t k, const TokenMeta& near) {  // row j = t +- k's id, slot
+    TokenMeta m = k <= kLanes ? TokenMeta{__shfl_sync(g.mask, near.slot, static_cast<int>(k - 1), kLanes),
+                                          __shfl_sync(g.mask, near.seq, static_cast<int>(k - 1), kLanes), 0}
+                              : load_meta(slots, tp, tokens, j);
+    return m;
+  };
+  if (offset == ps - 1) {
+    nearest = run_break(-1, offset, prev);
+    return KeyFate::kCloses;
+  }
+  const std::uint32_t end = run_break(1, ps - 1 - offset, next);
+  if (end == ps - offset) return KeyFate::kNone;  // the run reaches the page's end: its closer reads it
+  const TokenMeta after = seq_of(t + end, end, next);
+  const bool seq_goes_on = after.seq == me.seq && t + end < tokens;
+  if (seq_goes_on && after.slot >= 0) return KeyFate::kNone;  // superseded
+  const std::uint32_t back = run_break(-1, offset, prev);  // to the row before the run's part in this page
+  const TokenMeta before = seq_of(t - back, back, prev);
+  return seq_goes_on || (before.seq == me.seq && t - back >= 0) ? KeyFate::kOpensLate : KeyFate::kOpensNow;
+}
+
+/// A closing page's rows are quantized by a team: one warp where the page's rows fit kTeamRows a
+/// lane (rowslots = 32 / kLanes rows at a time), else the whole block. Lane (unit, rowslot) of a
+/// team holds its unit of rows start + rowslot + k * rowslots.
+template <int kLanes>
+struct CloserTeam {
+  bool block;    // the team is the block (else a warp)
+  int threads;   // team size
+  int index;     // this thread's team in its block
+  int rowslot;   // this thread's rows
+  int rowslots;  // rows at a time
+  int rows;      // rows a lane holds, ceil(page_size / rowslots)
+  __device__ explicit CloserTeam(std::int64_t page_size) {
+    using P = AppendByPagePolicy;
+    block = page_size > (32 / kLanes) * P::kTeamRows;
+    threads = block ? P::kThreads : 32;
+    index = static_cast<int>(threadIdx.x) / threads;
+    rowslot = static_cast<int>(threadIdx.x) % threads / kLanes;
+    rowslots = threads / kLanes;
+    rows = static_cast<int>((page_size + rowslots - 1) / rowslots);
+  }
+  __device__ int count() const { return AppendByPagePolicy::kThreads / threads; }
+  __device__ void sync() const {
+    if (block) __syncthreads();
+    else __syncwarp();
+  }
+  __device__ bool any(bool p) const { return block ? __syncthreads_or(p) != 0 : __any_sync(kFullMask, p) != 0; }
+};
+
+template <int kLanes, int kUnits, class T>
+KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePolicy::kMinBlocksPerSm)
     append_kv_by_page_kernel(const T* k_new, const T* v_new,  // rows (tokens, kv_heads, head_dim)
                              TokenRows rows,
                              const std::int64_t* __restrict__ slot_mapping,  // (tokens)
@@ -212,206 +328,292 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
                              bool vectors,  // append_takes_rows, and k_open 16-byte aligned
                              Int64Divmod page_div, Int64Divmod head_div,  // by page_size, by kv_heads
                              unsigned long long* error_count) {  // optional
-  constexpr int V = 16 / sizeof(T);
+  using P = AppendByPagePolicy;
+  constexpr int V = 16 / sizeof(T), kWords = V * sizeof(T) / 4, kGroups = P::kThreads / kLanes;
+  // Rows of V (and open rows of K) by groups of kRowLanes lanes, kUnits units a lane (a prefill's
+  // wide lanes, as append_kv_rows_kernel); fates and closing pages by groups of kLanes, a unit a lane.
+  constexpr int kRowLanes = kLanes / kUnits, kRowGroups = P::kThreads / kRowLanes, kRowBatch = 4 / kUnits;
+  static_assert(kRowBatch >= 1 && kRowLanes >= 1, "kvq: kUnits is 1, 2 or 4");
   const auto g = device::RowLanes<kLanes>::this_thread();
-  const std::int64_t groups_per_block = PagedPolicy::kThreads / kLanes;
-  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * groups_per_block;
-  const std::int64_t pairs = rows.tokens * cache.kv_heads, ps = cache.page_size, d = cache.head_dim;
-  const int units = vectors ? static_cast<int>(d / V) : 0;
+  const auto r = device::RowLanes<kRowLanes>::this_thread();
+  const int group = static_cast<int>(threadIdx.x) / kLanes, row_group = static_cast<int>(threadIdx.x) / kRowLanes;
+  const std::int64_t ps = cache.page_size, d = cache.head_dim, heads = cache.kv_heads;
+  const int units = vectors ? static_cast<int>(d / V) : 0;  // vectors: at most kLanes (paged_lanes)
   T* const open = static_cast<T*>(cache.k_open);
-  const std::int64_t first_group = blockIdx.x * groups_per_block + threadIdx.x / kLanes;
-  // Phase 1a, (token, head) pairs kPairBatch at a time: their V rows (loads in flight together) and
-  // their sinks; invalid tokens counted here.
-  constexpr int kPairBatch = 4;
-  auto owns = [&](int) { return g.lane < units; };  // vectors: one unit a lane (paged_lanes)
-  for (std::int64_t th0 = first_group; th0 < pairs; th0 += kPairBatch * stride) {
-    bool live[kPairBatch];
-    device::Bits<V, T> held[kPairBatch][1];
-#pragma unroll
-    for (int b = 0; b < kPairBatch; ++b) {
-      const std::int64_t th = th0 + b * stride, t = head_div.div(th), h = th - t * cache.kv_heads;
-      live[b] = th < pairs && slot_mapping[t] >= 0;  // not padding
-      if (!live[b]) continue;
-      if (!paged_valid_token(cache, slot_mapping, tp, t, page_div)) {  // untrusted: skipped, counted once per token
-        if (error_count != nullptr && h == 0 && g.lane == 0) atomicAdd(error_count, 1ull);
-        live[b] = false;
-        continue;
-      }
-      const T* xv = v_new + t * rows.token_stride + h * rows.head_stride;
-      if (vectors && owns(0)) held[b][0] = device::load_bits<V>(xv + g.lane * V);
-      if (const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t]; pos < cache.sink_tokens) {
-        const T* x = k_new + t * rows.token_stride + h * rows.head_stride;
-        T* k_sink = static_cast<T*>(cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
-        T* v_sink = static_cast<T*>(cache.v_sink) + cache.sink_offset(seq, pos, h, 0);
-        for (std::int64_t c = g.lane; c < d; c += kLanes) {
-          k_sink[c] = x[c];
-          v_sink[c] = xv[c];
-        }
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < kPairBatch; ++b) {
-      if (!live[b]) continue;
-      const std::int64_t th = th0 + b * stride, t = head_div.div(th), h = th - t * cache.kv_heads;
-      const std::int64_t slot = slot_mapping[t], page = page_div.div(slot), slot_offset = slot - page * ps;
-      const PageStrides& s = cache.v_strides;
-      std::int8_t* dst = cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride;
-      float* scale = cache.v_scales + cache.scale_offset(slot, h);
-      if (vectors) quantize_held_row<kLanes, 1, T>(g, held[b], owns, dst, scale);
-      else device::quantize_row(g, v_new + t * rows.token_stride + h * rows.head_stride, d, dst, scale);
-    }
-  }
+  auto row_of = [&](const T* x, std::int64_t t, std::int64_t h) { return x + t * rows.token_stride + h * rows.head_stride; };
+  auto owns = [&](int u) { return r.lane + u * kRowLanes < units; };  // step 2's unit r.lane + u * kRowLanes
 
-  // Closing the page whose last position token t writes, head h (t valid, its offset ps - 1).
-  auto close_page = [&](std::int64_t t, std::int64_t h) {
-    const std::int64_t slot = slot_mapping[t], seq = tp.seq_ids[t], pos = tp.positions[t], page = page_div.div(slot);
-    // Whether row j continues t's run: the same sequence at the position j - t further on.
-    auto member = [&](std::int64_t jr) {
-      return jr >= 0 && jr < rows.tokens && paged_valid_token(cache, slot_mapping, tp, jr, page_div) && tp.seq_ids[jr] == seq &&
-             tp.positions[jr] == pos + (jr - t);
-    };
-    const std::int64_t page_index = page_div.div(pos), offset = pos - page_index * ps, start = page_index * ps;
-    auto new_row = [&](std::int64_t q) {  // k_new's row of position q of the run, this head
-      return k_new + (t + (q - pos)) * rows.token_stride + h * rows.head_stride;
-    };
-    // The page's positions before old_end are in the open-page buffer, the rest in this call: the
-    // nearest row back from t that is not in the run, found by the group's lanes.
-    std::uint32_t nearest = static_cast<std::uint32_t>(offset + 1);  // none within the page
-    for (std::int64_t k = 1 + g.lane; k <= offset; k += kLanes)
-      if (!member(t - k)) {
-        nearest = static_cast<std::uint32_t>(k);
-        break;
+  __shared__ KeyFate fate[P::kRoundTokens];
+  __shared__ std::uint32_t nearest[P::kRoundTokens];
+  __shared__ std::int32_t closers[P::kRoundTokens];  // round offsets of the round's closing tokens
+  __shared__ int closer_count, late;
+  __shared__ std::uint32_t team_max[P::kWarps][32][kWords];      // a block team's raw amax by warp
+  __shared__ std::uint32_t exact_max[P::kWarps][P::kMaxChannels];  // a team's finite amax, NaN/Inf pages
+  __shared__ uint4 stage[P::kTeamRows][P::kThreads];               // a closing page's rows, by thread
+  if (threadIdx.x == 0) late = 0;
+
+  // A contiguous range of tokens a block: its tokens' rows are neighbours in memory, and a
+  // decode step's tokens each get a block of their own when the grid allows.
+  const std::int64_t per_block = (rows.tokens + gridDim.x - 1) / gridDim.x;
+  const std::int64_t first = blockIdx.x * per_block, last = min(first + per_block, rows.tokens);
+
+  // The fates of tokens [base, base + n), into shared memory; the first walk lists the closers and
+  // counts untrusted tokens.
+  auto decide = [&](std::int64_t base, int n, bool first_walk) {
+    for (int i = group; i < n; i += kGroups) {
+      std::uint32_t k = 0;
+      const KeyFate f = key_fate(g, cache, slot_mapping, tp, rows.tokens, base + i, page_div, k);
+      if (g.lane == 0) {
+        fate[i] = f;
+        nearest[i] = k;
+        if (first_walk && f == KeyFate::kSkipped && slot_mapping[base + i] >= 0 && error_count != nullptr)
+          atomicAdd(error_count, 1ull);  // untrusted: skipped, counted once per token
+        if (first_walk && f == KeyFate::kCloses) closers[atomicAdd(&closer_count, 1)] = i;
+        if (f == KeyFate::kOpensLate) late = 1;
       }
-    nearest = ~device::warp_max_bits(~nearest, g.mask);  // the group's least
-    const std::int64_t old_end = pos - nearest + 1;
+    }
+  };
+  // Token t's K row of head h into the open-page buffer, from `held` (vectors) or k_new.
+  auto write_open_row = [&](std::int64_t t, std::int64_t h, const device::Bits<V, T>& held) {
+    T* dst = open + cache.open_offset(tp.seq_ids[t], page_div.mod(tp.positions[t]), h, 0);
+    if (vectors) {
+      if (g.lane < units) device::store<V>(dst + g.lane * V, device::unpack<T, V>(held));
+    } else {
+      const T* src = row_of(k_new, t, h);
+      for (std::int64_t c = g.lane; c < d; c += kLanes) dst[c] = src[c];
+    }
+  };
+
+  // The page whose last position token t writes, head h, quantized by this thread's team.
+  const CloserTeam<kLanes> team(ps);
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  auto close_page = [&](std::int64_t t, std::int64_t h, std::uint32_t nearest_back) {
+    const std::int64_t slot = slot_mapping[t], seq = tp.seq_ids[t], pos = tp.positions[t], page = page_div.div(slot);
+    const std::int64_t start = pos - (ps - 1), old_end = pos - nearest_back + 1;
+    const std::int64_t first_scaled = max(start, cache.sink_tokens);  // sinks: outside the scales
+    auto key_row = [&](std::int64_t q) {  // position q in [start, pos]: the buffer's row, or the call's
+      return q < old_end ? open + cache.open_offset(seq, q - start, h, 0) : row_of(k_new, t + (q - pos), h);
+    };
     const PageStrides& s = cache.k_strides;
     std::int8_t* const k_page = cache.k_codes + page * s.page_stride + h * s.head_stride;
-    auto key_row = [&](std::int64_t q) {
-      return q < old_end ? open + cache.open_offset(seq, q - start, h, 0) : new_row(q);  // q in [start, pos]
-    };
-    const std::int64_t first_scaled = max(start, cache.sink_tokens);
-    if (vectors) {
-      // A lane's 16-byte units of every token of the page, eight tokens' loads in flight at a time.
-      constexpr int kBatch = 8, kWords = V * sizeof(T) / 4;
-      // each(q, x) for the positions q in [from, pos] of unit u, x their keys' 16 bytes.
-      auto for_each_key = [&](int u, std::int64_t from, auto each) {
-        for (std::int64_t q0 = from; q0 <= pos; q0 += kBatch) {
-          device::Bits<V, T> xs[kBatch];
-#pragma unroll
-          for (int b = 0; b < kBatch; ++b)
-            if (q0 + b <= pos) xs[b] = device::load_bits<V>(key_row(q0 + b) + u * V);
-#pragma unroll
-          for (int b = 0; b < kBatch; ++b)
-            if (q0 + b <= pos) each(q0 + b, device::unpack<T, V>(xs[b]));
-        }
-      };
-      for (int u = g.lane; u < units; u += kLanes) {
-        std::uint32_t raw[kWords] = {};
-        for_each_key(u, first_scaled, [&](std::int64_t, const Fragment<T, V>& x) { device::raw_abs_max_into(raw, x); });
-        Fragment<float, V> sc, rs;
-        // The lean codes (kvq::quantize's per-channel path) where every channel of the unit is
-        // finite and its scale in the fast range; they hold for the rows its amax was taken over.
-        bool lean = true;
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          std::uint32_t bits = raw[e * sizeof(T) / 4];
-          if constexpr (sizeof(T) == 2) bits = (bits >> (16 * (e % 2))) & 0xffffu;
-          float amax;
-          if (bits < device::RawAbs<T>::kNonfinite) {
-            amax = device::RawAbs<T>::value(bits);
-          } else {  // a NaN or Inf in this channel: the largest finite value, element by element
-            std::uint32_t m = 0;
-            for (std::int64_t q = first_scaled; q <= pos; ++q) m = max(m, finite_abs_bits(to_float(key_row(q)[u * V + e])));
-            amax = bits_to_float(m);
-            lean = false;
-          }
-          lean &= lean_codes_apply(amax);
-          sc[e] = scale_from_amax(amax);
-          rs[e] = reciprocal(sc[e]);
-          cache.k_scales[cache.channel_scale_offset(page, h, u * V + e)] = sc[e];
-        }
-        for_each_key(u, start, [&](std::int64_t q, const Fragment<T, V>& x) {
-          with_codes_path<T>(lean && q >= first_scaled, [&](auto within_amax) {  // sinks: outside the amax
-            device::store<V>(k_page + (q - start) * s.token_stride + u * V,
-                             codes<decltype(within_amax)::value>(x, sc, rs));
-          });
-        });
+    float* const k_scales = cache.k_scales + cache.channel_scale_offset(page, h, 0);
+    std::uint32_t* const exact = exact_max[team.block ? 0 : warp];
+    if (!vectors) {  // channel by channel, every row serially
+      for (std::int64_t c = static_cast<int>(threadIdx.x) % team.threads; c < d; c += team.threads) {
+        auto key = [&](std::int64_t q) { return to_float(key_row(q)[c]); };
+        std::uint32_t amax = 0;
+        for (std::int64_t q = first_scaled; q <= pos; ++q) amax = max(amax, finite_abs_bits(key(q)));
+        const float scale = scale_from_amax(bits_to_float(amax));
+        k_scales[c] = scale;
+        for (std::int64_t q = start; q <= pos; ++q) k_page[(q - start) * s.token_stride + c] = quantize_value(key(q), scale);
       }
       return;
     }
-    for (std::int64_t c = g.lane; c < d; c += kLanes) {
-      auto key = [&](std::int64_t q) { return to_float(key_row(q)[c]); };
-      std::uint32_t amax = 0;
-      for (std::int64_t q = first_scaled; q <= pos; ++q) amax = max(amax, finite_abs_bits(key(q)));
-      const float scale = scale_from_amax(bits_to_float(amax));
-      cache.k_scales[cache.channel_scale_offset(page, h, c)] = scale;
-      for (std::int64_t q = start; q <= pos; ++q) k_page[(q - start) * s.token_stride + c] = quantize_value(key(q), scale);
+    const int u = g.lane;
+    const bool has_unit = u < units;
+    auto row_q = [&](int k) { return start + team.rowslot + static_cast<std::int64_t>(k) * team.rowslots; };
+    auto held_row = [&](int k) { return k < team.rows && row_q(k) <= pos; };
+    // The lane's rows are staged in shared memory by cp.async, kTeamRows at a time: all in flight at
+    // once without holding registers, and read twice (amax, codes).
+    // Row k of the lane is position start + rowslot + k * rowslots: in the buffer below old_end,
+    // else in k_new; each a fixed stride from the lane's first.
+    const T* const open_row = open + cache.open_offset(seq, team.rowslot, h, u * V);
+    const T* const new_row = row_of(k_new, t + (start + team.rowslot - pos), h) + u * V;
+    const std::int64_t open_step = team.rowslots * heads * d, new_step = team.rowslots * rows.token_stride;
+    const int old_rows = static_cast<int>((old_end - start - team.rowslot + team.rowslots - 1) / team.rowslots);
+    auto stage_rows = [&](int k0) {
+#pragma unroll
+      for (int b = 0; b < P::kTeamRows; ++b) {
+        const int k = k0 + b;
+        if (has_unit && held_row(k))
+          copy_async_16(&stage[b][threadIdx.x], k < old_rows ? open_row + k * open_step : new_row + k * new_step);
+      }
+      copy_async_wait_all();
+    };
+    auto staged = [&](int b) { return device::unpack<T, V>(reinterpret_cast<const device::Bits<V, T>&>(stage[b][threadIdx.x])); };
+    // Each channel's raw amax over the lane's rows, then over the team's rowslots.
+    std::uint32_t raw[kWords] = {};
+    for (int k0 = 0; k0 < team.rows; k0 += P::kTeamRows) {
+      stage_rows(k0);
+#pragma unroll
+      for (int b = 0; b < P::kTeamRows; ++b)
+        if (has_unit && held_row(k0 + b) && row_q(k0 + b) >= first_scaled) device::raw_abs_max_into(raw, staged(b));
     }
+#pragma unroll
+    for (int w = 0; w < kWords; ++w)
+      for (int lanes = kLanes; lanes < 32; lanes *= 2)
+        raw[w] = device::RawAbs<T>::max(raw[w], __shfl_xor_sync(kFullMask, raw[w], lanes));
+    if (team.block) {
+      if (threadIdx.x % 32 < kLanes)
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) team_max[warp][u][w] = raw[w];
+      __syncthreads();
+      for (int other = 0; other < P::kWarps; ++other)
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) raw[w] = device::RawAbs<T>::max(raw[w], team_max[other][u][w]);
+    }
+    float amax[V];
+    bool finite = true;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      std::uint32_t bits = raw[e * sizeof(T) / 4];
+      if constexpr (sizeof(T) == 2) bits = (bits >> (16 * (e % 2))) & 0xffffu;
+      finite &= bits < device::RawAbs<T>::kNonfinite;
+      amax[e] = device::RawAbs<T>::value(bits);
+    }
+    if (team.any(!finite)) {  // a NaN or Inf in the page: every channel's largest finite value
+      for (int c = static_cast<int>(threadIdx.x) % team.threads; c < units * V; c += team.threads) exact[c] = 0;
+      team.sync();
+      if (has_unit) {
+        std::uint32_t m[V] = {};
+        for (int k = 0; k < team.rows; ++k)
+          if (held_row(k) && row_q(k) >= first_scaled) {
+            const Fragment<T, V> x = device::unpack<T, V>(device::load_bits<V>(key_row(row_q(k)) + u * V));
+#pragma unroll
+            for (int e = 0; e < V; ++e) m[e] = max(m[e], finite_abs_bits(to_float(x[e])));
+          }
+#pragma unroll
+        for (int e = 0; e < V; ++e) atomicMax(&exact[u * V + e], m[e]);
+      }
+      team.sync();
+#pragma unroll
+      for (int e = 0; e < V; ++e) amax[e] = has_unit ? bits_to_float(exact[u * V + e]) : 0.0f;
+    }
+    if (team.block) __syncthreads();  // team_max and exact are rewritten by the next page
+    // The lean codes (kvq::quantize's per-channel path) where every channel of the unit is finite
+    // and its scale in the fast range; they hold for the rows its amax was taken over.
+    bool lean = finite;
+    Fragment<float, V> sc, rs;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      lean &= lean_codes_apply(amax[e]);
+      sc[e] = scale_from_amax(amax[e]);
+      rs[e] = reciprocal(sc[e]);
+      if (has_unit && team.rowslot == 0) k_scales[u * V + e] = sc[e];
+    }
+    std::int8_t* const code_row = k_page + team.rowslot * s.token_stride + u * V;
+    const std::int64_t code_step = team.rowslots * s.token_stride;
+    // (A page with sinks takes the exact path throughout: the same codes, sinks outside the amax.)
+    with_codes_path<T>(lean && start >= cache.sink_tokens, [&](auto within_amax) {
+      for (int k0 = 0; k0 < team.rows; k0 += P::kTeamRows) {
+        if (team.rows > P::kTeamRows) stage_rows(k0);  // else staged since the amax pass
+#pragma unroll
+        for (int b = 0; b < P::kTeamRows; ++b)
+          if (has_unit && held_row(k0 + b))
+            device::store<V>(code_row + (k0 + b) * code_step, codes<decltype(within_amax)::value>(staged(b), sc, rs));
+      }
+    });
   };
-  // Phase 1b, the pages this call closes: a contiguous range of tokens a block, its closers' (token,
-  // head) pairs spread over the block's groups. (Over a grid-stride walk of pairs, closers fall on
-  // the same few groups whenever the stride is a multiple of page_size x kv_heads.)
-  __shared__ std::int32_t closers[PagedPolicy::kThreads];  // offsets from `base`
-  __shared__ int closer_count;
-  const std::int64_t per_block = (rows.tokens + gridDim.x - 1) / gridDim.x;
-  const std::int64_t block_end = (blockIdx.x + 1) * per_block < rows.tokens ? (blockIdx.x + 1) * per_block : rows.tokens;
-  for (std::int64_t base = blockIdx.x * per_block; base < block_end; base += PagedPolicy::kThreads) {
+
+  for (std::int64_t base = first; base < last; base += P::kRoundTokens) {
+    const int n = static_cast<int>(min(std::int64_t{P::kRoundTokens}, last - base));
     if (threadIdx.x == 0) closer_count = 0;
-    __syncthreads();
-    if (const std::int64_t t = base + threadIdx.x;
-        t < block_end && paged_valid_token(cache, slot_mapping, tp, t, page_div) && page_div.mod(tp.positions[t]) == ps - 1)
-      closers[atomicAdd(&closer_count, 1)] = static_cast<std::int32_t>(threadIdx.x);
-    __syncthreads();
-    const std::int64_t items = closer_count * cache.kv_heads;
-    for (std::int64_t i = threadIdx.x / kLanes; i < items; i += groups_per_block) {
-      const std::int64_t c = head_div.div(i);
-      close_page(base + closers[c], i - c * cache.kv_heads);
+    __syncthreads();  // the previous round's readers are done
+    // The round's rows by groups of kRowLanes lanes (kUnits units a lane), kRowBatch rows a group
+    // with their loads in flight together: items [0, pairs) are (token, head) V rows (and sinks),
+    // [pairs, 2 * pairs) K rows that open a page now. The first batch is loaded before the fates are
+    // known, for every token that is not padding (a decode step's round is one batch).
+    const int pairs = n * static_cast<int>(heads);
+    auto item = [&](int i, std::int64_t& t, std::int64_t& h) {  // item i's token and head; whether V
+      const int pair = i < pairs ? i : i - pairs, local = static_cast<int>(head_div.div(pair));
+      t = base + local;
+      h = pair - local * heads;
+      return i < pairs;
+    };
+    device::Bits<V, T> held[kRowBatch][kUnits];
+    auto load_batch = [&](int i0, const bool (&live)[kRowBatch]) {
+#pragma unroll
+      for (int b = 0; b < kRowBatch; ++b) {
+        std::int64_t t, h;
+        const bool is_v = item(i0 + b * kRowGroups, t, h);
+        const T* x = row_of(is_v ? v_new : k_new, t, h);
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u)
+          if (live[b] && vectors && owns(u)) held[b][u] = device::load_bits<V>(x + (r.lane + u * kRowLanes) * V);
+      }
+    };
+    {
+      bool early[kRowBatch];
+#pragma unroll
+      for (int b = 0; b < kRowBatch; ++b) {
+        std::int64_t t, h;
+        const int i = row_group + b * kRowGroups;
+        early[b] = i < 2 * pairs && (item(i, t, h), slot_mapping[t] >= 0);
+      }
+      load_batch(row_group, early);
     }
-    __syncthreads();  // the list is rewritten next round
+    decide(base, n, true);
+    __syncthreads();
+    for (int i0 = row_group; i0 < 2 * pairs; i0 += kRowBatch * kRowGroups) {
+      bool live[kRowBatch];
+#pragma unroll
+      for (int b = 0; b < kRowBatch; ++b) {
+        std::int64_t t, h;
+        const int i = i0 + b * kRowGroups;
+        const bool is_v = i < 2 * pairs && item(i, t, h);
+        const KeyFate f = i < 2 * pairs ? fate[t - base] : KeyFate::kSkipped;
+        live[b] = is_v ? f != KeyFate::kSkipped : f == KeyFate::kOpensNow;
+      }
+      if (i0 != row_group) load_batch(i0, live);
+#pragma unroll
+      for (int b = 0; b < kRowBatch; ++b) {
+        if (!live[b]) continue;
+        std::int64_t t, h;
+        if (!item(i0 + b * kRowGroups, t, h)) {  // a K row into the open-page buffer
+          T* dst = open + cache.open_offset(tp.seq_ids[t], page_div.mod(tp.positions[t]), h, 0);
+          if (vectors) {
+#pragma unroll
+            for (int u = 0; u < kUnits; ++u)
+              if (owns(u)) device::store<V>(dst + (r.lane + u * kRowLanes) * V, device::unpack<T, V>(held[b][u]));
+          } else {
+            const T* src = row_of(k_new, t, h);
+            for (std::int64_t c = r.lane; c < d; c += kRowLanes) dst[c] = src[c];
+          }
+          continue;
+        }
+        const std::int64_t slot = slot_mapping[t], page = page_div.div(slot), slot_offset = slot - page * ps;
+        const PageStrides& s = cache.v_strides;
+        std::int8_t* dst = cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride;
+        float* scale = cache.v_scales + cache.scale_offset(slot, h);
+        if (vectors) quantize_held_row<kRowLanes, kUnits, T>(r, held[b], owns, dst, scale);
+        else device::quantize_row(r, row_of(v_new, t, h), d, dst, scale);
+        if (const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t]; pos < cache.sink_tokens) {
+          T* k_sink = static_cast<T*>(cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
+          T* v_sink = static_cast<T*>(cache.v_sink) + cache.sink_offset(seq, pos, h, 0);
+          for (std::int64_t c = r.lane; c < d; c += kRowLanes) {
+            k_sink[c] = row_of(k_new, t, h)[c];
+            v_sink[c] = row_of(v_new, t, h)[c];
+          }
+        }
+      }
+    }
+    // The round's closing pages, a (token, head) a team.
+    const int items = closer_count * static_cast<int>(heads);
+    for (int i = team.index; i < items; i += team.count()) {
+      const int c = static_cast<int>(head_div.div(i)), local = closers[c];
+      close_page(base + local, i - c * heads, nearest[local]);
+    }
   }
 
-  // Every closer has read the open-page buffer.
-  cooperative_groups::this_grid().sync();
-
-  // Phase 2, a token at a time: its K rows, where its page stays open, into the buffer.
-  for (std::int64_t t = first_group; t < rows.tokens; t += stride) {
-    if (slot_mapping[t] < 0 || !paged_valid_token(cache, slot_mapping, tp, t, page_div)) continue;  // counted above
-    const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t], offset = page_div.mod(pos);
-    if (offset == ps - 1) continue;  // a closer
-    auto member = [&](std::int64_t jr) {
-      return jr < rows.tokens && paged_valid_token(cache, slot_mapping, tp, jr, page_div) && tp.seq_ids[jr] == seq &&
-             tp.positions[jr] == pos + (jr - t);
-    };
-    // The first row after t that is not in its run, within the page (none: the page closes).
-    std::uint32_t end = static_cast<std::uint32_t>(ps);  // beyond the page
-    for (std::int64_t k = 1 + g.lane; k <= ps - 1 - offset; k += kLanes)
-      if (!member(t + k)) {
-        end = static_cast<std::uint32_t>(k);
-        break;
-      }
-    end = ~device::warp_max_bits(~end, g.mask);  // the group's least
-    if (end == static_cast<std::uint32_t>(ps)) continue;  // the run reaches the page's end: closed
-    const std::int64_t after = t + end;
-    if (after < rows.tokens && slot_mapping[after] >= 0 && tp.seq_ids[after] == seq) continue;  // superseded
-    // Every head's row, kHeadBatch rows' loads in flight at a time (a decode step's latency).
-    constexpr int kHeadBatch = 8;
-    for (std::int64_t h0 = 0; h0 < cache.kv_heads; h0 += kHeadBatch) {
-      auto src = [&](int b) { return k_new + t * rows.token_stride + (h0 + b) * rows.head_stride; };
-      auto dst = [&](int b) { return open + cache.open_offset(seq, offset, h0 + b, 0); };
-      if (vectors) {
-        for (int u = g.lane; u < units; u += kLanes) {
-          device::Bits<V, T> xs[kHeadBatch];
-#pragma unroll
-          for (int b = 0; b < kHeadBatch; ++b)
-            if (h0 + b < cache.kv_heads) xs[b] = device::load_bits<V>(src(b) + u * V);
-#pragma unroll
-          for (int b = 0; b < kHeadBatch; ++b)
-            if (h0 + b < cache.kv_heads) device::store<V>(dst(b) + u * V, device::unpack<T, V>(xs[b]));
-        }
-      } else {
-        for (int b = 0; b < kHeadBatch && h0 + b < cache.kv_heads; ++b)
-          for (std::int64_t c = g.lane; c < d; c += kLanes) dst(b)[c] = src(b)[c];
-      }
+  // Every block's closers have read the buffer once every block has arrived. A block with no late
+  // open row arrives and goes on (the barrier completes on arrivals alone: cooperative_groups'
+  // grid barrier counts them, and waiting only polls for the count).
+  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  auto arrival = grid.barrier_arrive();  // synchronizes the block first: `late` is final
+  if (!late) return;
+  grid.barrier_wait(std::move(arrival));
+  for (std::int64_t base = first; base < last; base += P::kRoundTokens) {
+    const int n = static_cast<int>(min(std::int64_t{P::kRoundTokens}, last - base));
+    __syncthreads();
+    decide(base, n, false);
+    __syncthreads();
+    for (int i = group; i < n * heads; i += kGroups) {
+      const int local = static_cast<int>(head_div.div(i));
+      if (fate[local] != KeyFate::kOpensLate) continue;
+      const std::int64_t t = base + local, h = i - local * heads;
+      device::Bits<V, T> held{};
+      if (vectors && g.lane < units) held = device::load_bits<V>(row_of(k_new, t, h) + g.lane * V);
+      write_open_row(t, h, held);
     }
   }
 }
@@ -530,33 +732,64 @@ cudaError_t launch_append_kv(const T* k_new, const T* v_new, const TokenRows& ro
   });
 }
 
+/// Blocks of append_kv_by_page_kernel<kLanes, kUnits, T> that run at once on the current device:
+/// a cooperative launch's most. Asked of the runtime once a device (a decode step is called often).
+template <int kLanes, int kUnits, class T>
+cudaError_t append_by_page_blocks(int& blocks) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (device < kMaxDevices && (blocks = known[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  int sms = 0, per_sm = 0;
+  if (cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); err != cudaSuccess)
+    return err;
+  if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, append_kv_by_page_kernel<kLanes, kUnits, T>, AppendByPagePolicy::kThreads, 0);
+      err != cudaSuccess)
+    return err;
+  blocks = std::max(per_sm * sms, 1);
+  if (device < kMaxDevices) known[device].store(blocks, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 template <class T>
 cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const TokenRows& rows,
                                      const std::int64_t* slot_mapping, const TokenPositions& tp,
                                      const PagedCache& cache, unsigned long long* error_count, cudaStream_t stream) {
   const bool vectors = append_takes_rows(k_new, v_new, rows, cache) && is_aligned(cache.k_open, 16);
-  cudaError_t err = cudaSuccess;
-  launch_by_lanes<T>(rows.tokens * cache.kv_heads, cache.head_dim, [&](auto lanes, unsigned grid) {
-    const auto kernel = append_kv_by_page_kernel<decltype(lanes)::value, T>;
-    // A cooperative launch (its grid barrier): no more blocks than run at once.
-    int device = 0, sms = 0, per_sm = 0;
-    if ((err = cudaGetDevice(&device)) != cudaSuccess ||
-        (err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess ||
-        (err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, PagedPolicy::kThreads, 0)) != cudaSuccess)
-      return;
+  auto launch = [&](auto lanes, auto units_per_lane) {
+    constexpr int L = decltype(lanes)::value, U = decltype(units_per_lane)::value;
+    int blocks = 0;
+    if (cudaError_t err = append_by_page_blocks<L, U, T>(blocks); err != cudaSuccess) return err;
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3(std::min(grid, static_cast<unsigned>(std::max(per_sm * sms, 1))));
-    config.blockDim = dim3(PagedPolicy::kThreads);
+    config.gridDim = dim3(static_cast<unsigned>(std::min<std::int64_t>(blocks, rows.tokens)));  // a block a token at most
+    config.blockDim = dim3(AppendByPagePolicy::kThreads);
     config.stream = stream;
     cudaLaunchAttribute cooperative{};
     cooperative.id = cudaLaunchAttributeCooperative;
     cooperative.val.cooperative = 1;
     config.attrs = &cooperative;
     config.numAttrs = 1;
-    err = cudaLaunchKernelEx(&config, kernel, k_new, v_new, rows, slot_mapping, tp, cache, vectors,
-                             Int64Divmod(cache.page_size), Int64Divmod(cache.kv_heads), error_count);
-  });
-  return err != cudaSuccess ? err : check_launch();
+    if (cudaError_t err = cudaLaunchKernelEx(&config, append_kv_by_page_kernel<L, U, T>, k_new, v_new, rows,
+                                             slot_mapping, tp, cache, vectors, Int64Divmod(cache.page_size),
+                                             Int64Divmod(cache.kv_heads), error_count);
+        err != cudaSuccess)
+      return err;
+    return check_launch();
+  };
+  // A prefill's V rows take four units a lane (fewer, wider lanes), as append_kv_rows_kernel's.
+  constexpr std::int64_t V = 16 / sizeof(T), kWideRows = 132 * 256;
+  const bool wide = vectors && rows.tokens * cache.kv_heads >= kWideRows && cache.head_dim / V > 4;
+  using I1 = std::integral_constant<int, 1>;
+  using I4 = std::integral_constant<int, 4>;
+  const int lanes = paged_lanes<T>(cache.head_dim);
+  auto with_lanes = [&](auto units_per_lane) {
+    return lanes == 8    ? launch(std::integral_constant<int, 8>{}, units_per_lane)
+           : lanes == 16 ? launch(std::integral_constant<int, 16>{}, units_per_lane)
+                         : launch(std::integral_constant<int, 32>{}, units_per_lane);
+  };
+  return wide ? with_lanes(I4{}) : with_lanes(I1{});
 }
 
 template <class T>
