@@ -506,6 +506,76 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     });
   };
 
+  // Step 2's rows, by groups of kRowLanes lanes (held: the lane's units, where vectors): token t's
+  // V row of head h quantized per token (and its sinks), and its K row into the open-page buffer.
+  auto write_v_row = [&](std::int64_t t, std::int64_t h, std::int64_t slot, std::int64_t seq, std::int64_t pos,
+                         const device::Bits<V, T> (&held)[kUnits]) {
+    const std::int64_t page = page_div.div(slot), slot_offset = slot - page * ps;
+    const PageStrides& s = cache.v_strides;
+    std::int8_t* dst = cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride;
+    float* scale = cache.v_scales + cache.scale_offset(slot, h);
+    if (vectors) quantize_held_row<kRowLanes, kUnits, T>(r, held, owns, dst, scale);
+    else device::quantize_row(r, row_of(v_new, t, h), d, dst, scale);
+    if (pos < cache.sink_tokens) {
+      T* k_sink = static_cast<T*>(cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
+      T* v_sink = static_cast<T*>(cache.v_sink) + cache.sink_offset(seq, pos, h, 0);
+      for (std::int64_t c = r.lane; c < d; c += kRowLanes) {
+        k_sink[c] = row_of(k_new, t, h)[c];
+        v_sink[c] = row_of(v_new, t, h)[c];
+      }
+    }
+  };
+  auto write_k_open = [&](std::int64_t t, std::int64_t h, std::int64_t seq, std::int64_t pos,
+                          const device::Bits<V, T> (&held)[kUnits]) {
+    T* dst = open + cache.open_offset(seq, page_div.mod(pos), h, 0);
+    if (vectors) {
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u)
+        if (owns(u)) device::store<V>(dst + (r.lane + u * kRowLanes) * V, device::unpack<T, V>(held[u]));
+    } else {
+      const T* src = row_of(k_new, t, h);
+      for (std::int64_t c = r.lane; c < d; c += kRowLanes) dst[c] = src[c];
+    }
+  };
+  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+
+  // A decode step's token: a block of its own, and no neighbour row of its sequence. Its fate then
+  // needs no scan (it closes its page at the page's last position, from the buffer's rows and its
+  // own; else it opens now), and its rows are loaded together with the metadata: one round trip
+  // before its V and open K rows are written, two before a closing page's codes.
+  if (vectors && per_block == 1 && first < rows.tokens && 2 * heads <= kRowBatch * kRowGroups) {
+    const std::int64_t t = first;
+    const TokenMeta me = load_meta(slot_mapping, tp, rows.tokens, t);
+    const TokenMeta prev = load_meta(slot_mapping, tp, rows.tokens, t - 1);
+    const TokenMeta next = load_meta(slot_mapping, tp, rows.tokens, t + 1);
+    device::Bits<V, T> held[kRowBatch][kUnits];
+#pragma unroll
+    for (int b = 0; b < kRowBatch; ++b) {
+      const int i = row_group + b * kRowGroups;  // [0, heads): V rows, [heads, 2 * heads): K rows
+      const T* x = i < heads ? row_of(v_new, t, i) : row_of(k_new, t, i - heads);
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u)
+        if (i < 2 * heads && owns(u)) held[b][u] = device::load_bits<V>(x + (r.lane + u * kRowLanes) * V);
+    }
+    if (me.seq != prev.seq && me.seq != next.seq) {  // else the general walk below decides
+      if (!paged_valid_token(cache, me, page_div)) {
+        if (threadIdx.x == 0 && me.slot >= 0 && error_count != nullptr) atomicAdd(error_count, 1ull);
+      } else {
+        const bool closes = page_div.mod(me.pos) == ps - 1;
+#pragma unroll
+        for (int b = 0; b < kRowBatch; ++b) {
+          const int i = row_group + b * kRowGroups;
+          if (i < heads) write_v_row(t, i, me.slot, me.seq, me.pos, held[b]);
+          else if (i < 2 * heads && !closes) write_k_open(t, i - heads, me.seq, me.pos, held[b]);
+        }
+        if (closes)  // rows [pos - page_size + 1, pos) from the buffer, pos from k_new
+          for (int h = team.index; h < heads; h += team.count()) close_page(t, h, 1);
+      }
+      grid.barrier_arrive();  // no late row here; others may wait for this block's closer
+      return;
+    }
+  }
+
   for (std::int64_t base = first; base < last; base += P::kRoundTokens) {
     const int n = static_cast<int>(min(std::int64_t{P::kRoundTokens}, last - base));
     if (threadIdx.x == 0) closer_count = 0;
@@ -534,13 +604,9 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
       }
     };
     {
-      bool early[kRowBatch];
+      bool early[kRowBatch];  // padding rows too: not waiting for the slots puts these loads first
 #pragma unroll
-      for (int b = 0; b < kRowBatch; ++b) {
-        std::int64_t t, h;
-        const int i = row_group + b * kRowGroups;
-        early[b] = i < 2 * pairs && (item(i, t, h), slot_mapping[t] >= 0);
-      }
+      for (int b = 0; b < kRowBatch; ++b) early[b] = row_group + b * kRowGroups < 2 * pairs;
       load_batch(row_group, early);
     }
     decide(base, n, true);
@@ -560,31 +626,10 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
       for (int b = 0; b < kRowBatch; ++b) {
         if (!live[b]) continue;
         std::int64_t t, h;
-        if (!item(i0 + b * kRowGroups, t, h)) {  // a K row into the open-page buffer
-          T* dst = open + cache.open_offset(tp.seq_ids[t], page_div.mod(tp.positions[t]), h, 0);
-          if (vectors) {
-#pragma unroll
-            for (int u = 0; u < kUnits; ++u)
-              if (owns(u)) device::store<V>(dst + (r.lane + u * kRowLanes) * V, device::unpack<T, V>(held[b][u]));
-          } else {
-            const T* src = row_of(k_new, t, h);
-            for (std::int64_t c = r.lane; c < d; c += kRowLanes) dst[c] = src[c];
-          }
-          continue;
-        }
-        const std::int64_t slot = slot_mapping[t], page = page_div.div(slot), slot_offset = slot - page * ps;
-        const PageStrides& s = cache.v_strides;
-        std::int8_t* dst = cache.v_codes + page * s.page_stride + slot_offset * s.token_stride + h * s.head_stride;
-        float* scale = cache.v_scales + cache.scale_offset(slot, h);
-        if (vectors) quantize_held_row<kRowLanes, kUnits, T>(r, held[b], owns, dst, scale);
-        else device::quantize_row(r, row_of(v_new, t, h), d, dst, scale);
-        if (const std::int64_t seq = tp.seq_ids[t], pos = tp.positions[t]; pos < cache.sink_tokens) {
-          T* k_sink = static_cast<T*>(cache.k_sink) + cache.sink_offset(seq, pos, h, 0);
-          T* v_sink = static_cast<T*>(cache.v_sink) + cache.sink_offset(seq, pos, h, 0);
-          for (std::int64_t c = r.lane; c < d; c += kRowLanes) {
-            k_sink[c] = row_of(k_new, t, h)[c];
-            v_sink[c] = row_of(v_new, t, h)[c];
-          }
+        if (item(i0 + b * kRowGroups, t, h)) {
+          write_v_row(t, h, slot_mapping[t], tp.seq_ids[t], tp.positions[t], held[b]);
+        } else {
+          write_k_open(t, h, tp.seq_ids[t], tp.positions[t], held[b]);
         }
       }
     }
@@ -599,7 +644,6 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
   // Every block's closers have read the buffer once every block has arrived. A block with no late
   // open row arrives and goes on (the barrier completes on arrivals alone: cooperative_groups'
   // grid barrier counts them, and waiting only polls for the count).
-  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   auto arrival = grid.barrier_arrive();  // synchronizes the block first: `late` is final
   if (!late) return;
   grid.barrier_wait(std::move(arrival));
