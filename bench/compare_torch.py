@@ -5,7 +5,8 @@ The PyTorch side is plain code (eager, timed for the paper's rows), and the same
 torch.compile (static shapes, one compiled graph per shape: dynamo's recompile limit is raised, since
 at its default of 8 it silently falls back to eager). The kvq side is kvq_bench: its JSON from this
 run (--kvq-json, the default workload and paper mode) or kvq_bench run from here on the matching
-cases (--kvq-bench).
+cases (--kvq-bench). With --kvq-ops, kvq is also timed in this process through its torch custom
+ops (examples/torch, importable as kvq_torch), by the same timer as torch.
 
 Both sides are timed alike (kvq_bench.cu states the method): each call is captured `calls` times
 back to back into a CUDA graph (20; fewer for calls of more than 400 MB, the same rule as
@@ -347,6 +348,73 @@ def time_torch(torch, rows, compile_mode, save, deadline):
         save()
 
 
+# --- kvq through its torch ops (examples/torch), in this process --------------------------------
+
+def per_head(x):
+    """kvq's view of a row's tensor: [T, D] as it is; [T, H, D] and [B, H, T, D] as [heads, T, D]
+    (channels contiguous, strides as they are: no copy)."""
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:
+        return x.permute(1, 0, 2)
+    b, h, t, d = x.shape
+    return x.reshape(b * h, t, d)
+
+
+# row op -> (granularity, group) of the kvq call
+KVQ_SPEC = {"per_channel": ("per_channel", 0), "per_token": ("per_token", 0), "given": ("per_channel", 0),
+            "dequantize": ("per_channel", 0), "per_channel_g128": ("per_channel", 128),
+            "per_token_g32": ("per_token", 32), "given_per_token": ("per_token", 0),
+            "dequantize_per_token": ("per_token", 0), "given_g128": ("per_channel", 128),
+            "dequantize_g128": ("per_channel", 128)}
+
+
+def kvq_call(torch, kvq_torch, row, args, tdt):
+    """A no-argument callable that runs row's op through kvq's torch ops on the same inputs as
+    torch's (args, from make_args), or None where the row has no kvq op."""
+    op = row["op"]
+    if op == "append_kv":
+        k, v, slots, k_cache, v_cache, k_scales, v_scales = args
+        ps, h, d = row["page_size"], row["heads"], row["channels"]
+        pools = [c.view(-1, ps, h, d) for c in (k_cache, v_cache)]
+        scales = [sc.view(-1, ps, h) for sc in (k_scales, v_scales)]
+        return lambda: torch.ops.kvq.append_kv(k, v, slots, *pools, *scales, "NHD", "per_token_head")
+    if op not in KVQ_SPEC:
+        return None
+    granularity, group = KVQ_SPEC[op]
+    x = per_head(make_args(torch, None, dict(row, op="per_token"), tdt)[0] if op in SOURCE_OP else args[0])
+    if op in SOURCE_OP:  # given scales and dequantize: kvq's own scales and codes of the same kind of input
+        q, scale = kvq_torch.quantize(x, granularity, group)
+        if op.startswith("dequantize"):
+            return lambda: kvq_torch.dequantize(q, scale, granularity, group, tdt)
+        return lambda: kvq_torch.quantize_with_scales(x, scale, granularity, group)
+    return lambda: kvq_torch.quantize(x, granularity, group)
+
+
+def time_kvq_ops(torch, rows, save, deadline):
+    """kvq through kvq_torch's ops, timed by the same GraphTimer as torch: row['kvq_ops_us'] and
+    row['kvq_ops_hot_us']."""
+    import kvq_torch
+    timer = GraphTimer(torch)
+    for row in rows:
+        if time.time() > deadline:
+            break
+        try:
+            tdt = torch_dtype(torch, row["dtype"])
+            fn = kvq_call(torch, kvq_torch, row, make_args(torch, make_ops(torch), row, tdt), tdt)
+            if fn is None:
+                continue
+            calls = row.get("calls_per_replay") or calls_per_replay(row["elements"] * (ELEMENT_BYTES[row["dtype"]] + 1))
+            row["kvq_ops_us"], row["kvq_ops_hot_us"] = timer.time(fn, calls, replays_for(row["elements"]))
+            print(f"  kvq_torch {row['dtype']:8s} {shape_name(row):24s} {row['op']:20s} {row['kvq_ops_us']:10.2f} us cold "
+                  f"{row['kvq_ops_hot_us']:10.2f} us hot", flush=True)
+        except Exception as e:
+            row["kvq_ops_error"] = f"{type(e).__name__}: {e}"
+            print(f"  kvq_torch {row['dtype']} {shape_name(row)} {row['op']}: FAILED {row['kvq_ops_error']}", flush=True)
+        torch.cuda.empty_cache()
+        save()
+
+
 # --- compiling ahead in parallel ----------------------------------------------------------------
 
 def precompile_worker(rows, compile_mode):
@@ -440,8 +508,8 @@ def engine_markdown(rows, copy):
              "replays back to back. Speedup = torch time / kvq time (> 1: kvq is faster); % = of the "
              "device-to-device copy rate, at the cold time.", "",
              "| dtype | shape | op | MB | kvq cold | torch.compile cold | kvq % copy | torch % copy | speedup cold | "
-             "kvq hot | torch.compile hot | speedup hot |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "kvq hot | torch.compile hot | speedup hot | kvq op in torch cold / hot |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["layout"] == "matrix":
             continue
@@ -450,7 +518,8 @@ def engine_markdown(rows, copy):
             f"| {r['dtype']} | {shape_name(r)} | {OPS[r['op']][1]} | {mb} | {fmt_time(r.get('kvq_us'))} | "
             f"{fmt_time(r.get('compile_us'))} | {pct_copy(r, 'kvq_us', copy)} | {pct_copy(r, 'compile_us', copy)} | "
             f"{ratio(r.get('compile_us'), r.get('kvq_us'))} | {fmt_time(r.get('kvq_hot_us'))} | "
-            f"{fmt_time(r.get('compile_hot_us'))} | {ratio(r.get('compile_hot_us'), r.get('kvq_hot_us'))} |")
+            f"{fmt_time(r.get('compile_hot_us'))} | {ratio(r.get('compile_hot_us'), r.get('kvq_hot_us'))} | "
+            f"{fmt_time(r.get('kvq_ops_us'))} / {fmt_time(r.get('kvq_ops_hot_us'))} |")
     return lines
 
 
@@ -504,6 +573,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
                     help="processes that compile ahead in parallel (1: compile while timing)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="stop timing rows after this many seconds")
+    ap.add_argument("--kvq-ops", action="store_true",
+                    help="also time kvq through its torch ops (examples/torch, importable as kvq_torch) in this process")
     args = ap.parse_args()
     deadline = time.time() + args.deadline_s
 
@@ -567,6 +638,9 @@ def main():
         precompile(rows, args.jobs, args.compile_mode)
     print("timing PyTorch (torch.compile; eager for the paper's rows)...", flush=True)
     time_torch(torch, rows, args.compile_mode, save, deadline)
+    if args.kvq_ops:
+        print("timing kvq through its torch ops (kvq_torch), the same way...", flush=True)
+        time_kvq_ops(torch, rows, save, deadline)
     print()
     print(markdown(rows, copy, header, floor))
     print(f"wrote {args.out_md} and {args.out_json}")
