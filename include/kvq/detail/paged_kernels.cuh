@@ -3,8 +3,9 @@
 // The kernels give each (token, head, K or V) row to a group of kLanes lanes (RowLanes) that runs
 // the public row blocks of kvq/device.cuh on it, so a row in the cache is bit-identical to
 // kvq::quantize per token on it (append) and to kvq::dequantize of it (gather). Rows are walked
-// with a grid-stride loop over whole groups: the grid is sized from the host's static limits
-// (tokens, or batch * max_pages_per_seq * page_size), not from device data.
+// with a grid-stride loop over whole groups (the scheme-2 append: a contiguous range of tokens a
+// block): the grid is sized from the host's static limits (tokens, or batch * max_pages_per_seq *
+// page_size), not from device data.
 //
 // Device data the host cannot see is checked here: a slot past the pool, a length past a
 // sequence's pages, a block-table entry past the pool, an output row past the output. Such a
