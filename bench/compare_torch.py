@@ -51,6 +51,7 @@ OPS = {
     "given_g128": ("quantize_with_scales/{dtype}/per_channel_g128", "given per-channel scales, groups of 128"),
     "dequantize_g128": ("dequantize/{dtype}/per_channel_g128", "dequantize (per-channel, groups of 128)"),
     "append_kv": ("append_kv/{dtype}/per_token_head", "paged append of K and V (per token-head)"),
+    "decode_attention": ("decode_attention/{dtype}/per_token_head", "decode attention (torch: SDPA, dense fp16)"),
 }
 HEADLINE_OPS = ("per_channel", "per_token", "given", "dequantize", "per_channel_g128", "per_token_g32")
 ROW_OPS = ("per_token", "given_per_token", "dequantize_per_token")
@@ -71,6 +72,12 @@ VIEWS = [("THD", dict(tokens=128, heads=8, batch=1, channels=128)),
 PAGED = [(True, 1, 16), (True, 8, 16), (True, 64, 16), (True, 256, 16), (False, 32768, 16), (False, 32768, 64)]
 PAGED_HEADS, PAGED_DIM = 8, 128
 
+# Decode attention (paged_ops.cu, attention_cases; issue 18's targets): (batch, tokens a sequence),
+# 32 query / 8 KV heads of 128 channels, fp16 queries, pages of 64 tokens. torch: SDPA over a dense
+# fp16 cache (enable_gqa); kvq: decode_attention over its int8 pages.
+DECODE = [(8, 32768), (1, 131072), (32, 1024), (128, 2048)]
+DECODE_Q_HEADS, DECODE_PAGE = 32, 64
+
 MAX_CALLS_PER_REPLAY = 20
 REPLAY_BYTES = 8e9  # kvq_bench.cu: kReplayBytes
 
@@ -82,6 +89,8 @@ def calls_per_replay(nbytes):
 
 def shape_name(r):
     t, d = r["tokens"], r["channels"]
+    if r["layout"] == "decode":
+        return f"B{r['batch']}_T{t}_Hq{r['q_heads']}_Hkv{r['heads']}_D{d}_P{r['page_size']}"
     if r["layout"] == "paged":
         return (f"decode_S{t}" if r["decode"] else f"prefill_T{t}") + f"_H{r['heads']}_D{d}_P{r['page_size']}"
     if r["layout"] == "rows":
@@ -109,6 +118,14 @@ def make_paged_row(dtype, decode, tokens, page_size):
     return r
 
 
+def make_decode_row(batch, tokens):
+    r = dict(dtype="half", layout="decode", op="decode_attention", tokens=tokens, channels=PAGED_DIM,
+             heads=PAGED_HEADS, q_heads=DECODE_Q_HEADS, batch=batch, eager=False, page_size=DECODE_PAGE)
+    r["kvq_case"] = OPS["decode_attention"][0].format(dtype="half") + "/" + shape_name(r)
+    r["elements"] = 2 * batch * tokens * PAGED_HEADS * PAGED_DIM  # K and V
+    return r
+
+
 def cases(quick):
     """The rows to compare: the engines' shapes first (torch.compile only: per-token rows for D in
     {64, 128, 256} in every dtype and for 80 and 96 in fp16; the per-head views with keys per
@@ -125,6 +142,7 @@ def cases(quick):
         for layout, v in VIEWS:
             rows += [make_row(dt, layout, op, **v) for op in VIEW_OPS]
     rows += [make_paged_row(dt, *p) for dt in DTYPES for p in PAGED]
+    rows += [make_decode_row(*b) for b in DECODE]
     rows += [make_row(dt, "matrix", op, *HEADLINE, eager=True) for dt in DTYPES for op in HEADLINE_OPS]
     if not quick:
         rows += [make_row("float", "matrix", "given", t, d, eager=True) for (t, d) in PAPER_SHAPES if (t, d) != HEADLINE]
@@ -196,8 +214,12 @@ def make_ops(torch):
             cache.index_copy_(0, slots, q)
             scales.index_copy_(0, slots, scale.squeeze(-1))
 
+    def decode_attention(q, k, v):
+        """One query token per sequence over a dense fp16 cache: q [B, Hq, 1, D], k, v [B, Hkv, T, D]."""
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
     return {"per_channel": per_channel, "per_token": per_token, "given": given, "dequantize": dequantize,
-            "append_kv": append_kv,
+            "append_kv": append_kv, "decode_attention": decode_attention,
             "per_channel_g128": per_channel_g128, "per_token_g32": per_token_g32, "given_per_token": given,
             "dequantize_per_token": dequantize, "given_g128": given_g128, "dequantize_g128": dequantize_g128}
 
@@ -224,6 +246,10 @@ def make_args(torch, ops, r, tdt):
         caches = [torch.zeros(pages * ps, h, d, dtype=torch.int8, device="cuda") for _ in range(2)]
         scales = [torch.ones(pages * ps, h, device="cuda") for _ in range(2)]
         return (k, v, slots, *caches, *scales)
+    if r["layout"] == "decode":
+        q = (torch.rand(b, r["q_heads"], 1, d, device="cuda") * 2 - 1).to(tdt)
+        k, v = ((torch.rand(b, h, t, d, device="cuda") * 2 - 1).to(tdt) for _ in range(2))
+        return (q, k, v)
     shape = {"matrix": (t, d), "rows": (t, d), "THD": (t, h, d), "BHTD": (b, h, t, d)}[r["layout"]]
     x = (torch.rand(*shape, device="cuda") * 2 - 1).to(tdt)
     op = r["op"]
@@ -379,6 +405,17 @@ def kvq_call(torch, kvq_torch, row, args, tdt):
         pools = [c.view(-1, ps, h, d) for c in (k_cache, v_cache)]
         scales = [sc.view(-1, ps, h) for sc in (k_scales, v_scales)]
         return lambda: torch.ops.kvq.append_kv(k, v, slots, *pools, *scales, "NHD", "per_token_head")
+    if op == "decode_attention":  # the same K and V appended to a kvq cache, then attended from it
+        q, k, v = args
+        b, h, t, d = k.shape
+        pages_per_seq = (t + row["page_size"] - 1) // row["page_size"]
+        cache = kvq_torch.PagedKvCache(b * pages_per_seq, row["page_size"], h, d, max_seqs=b,
+                                       max_pages_per_seq=pages_per_seq)
+        for s in range(b):
+            cache.append(k[s].transpose(0, 1).contiguous(), v[s].transpose(0, 1).contiguous(), seqs=[s], counts=[t])
+        q3 = q.squeeze(2)
+        table, lens, _ = cache.tables(range(b))
+        return lambda: kvq_torch.decode_attention(cache, q3, table, lens, t)
     if op not in KVQ_SPEC:
         return None
     granularity, group = KVQ_SPEC[op]
@@ -567,8 +604,8 @@ def main():
     ap.add_argument("--out-json", default="torch.json")
     ap.add_argument("--out-md", default="compare.md")
     ap.add_argument("--quick", action="store_true", help="skip the fp32 sweep over the paper's shapes")
-    ap.add_argument("--only", choices=("all", "engine", "paper", "paged"), default="all",
-                    help="the engines' shapes, the paper's, both (default), or the paged append rows alone")
+    ap.add_argument("--only", choices=("all", "engine", "paper", "paged", "decode"), default="all",
+                    help="the engines' shapes, the paper's, both (default), or the paged append or decode attention rows alone")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: PyTorch's default)")
     ap.add_argument("--jobs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
                     help="processes that compile ahead in parallel (1: compile while timing)")
@@ -579,8 +616,8 @@ def main():
     deadline = time.time() + args.deadline_s
 
     def wanted(r):
-        if args.only == "paged":
-            return r["layout"] == "paged"
+        if args.only in ("paged", "decode"):
+            return r["layout"] == args.only
         return args.only == "all" or (r["layout"] == "matrix") == (args.only == "paper")
 
     rows = [r for r in cases(args.quick) if wanted(r)]
