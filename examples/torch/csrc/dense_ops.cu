@@ -105,7 +105,15 @@ TORCH_LIBRARY_FRAGMENT(kvq, m) {
   m.def("dequantize(Tensor q, Tensor scales, str granularity, int group, ScalarType dtype) -> Tensor");
 }
 
+// CPU too: tensors on the wrong device then reach the op's own checks (a RuntimeError naming the
+// argument) rather than the dispatcher's "could not run with arguments from the CPU backend".
 TORCH_LIBRARY_IMPL(kvq, CUDA, m) {
+  m.impl("quantize", &quantize);
+  m.impl("quantize_with_scales", &quantize_with_scales);
+  m.impl("dequantize", &dequantize);
+}
+
+TORCH_LIBRARY_IMPL(kvq, CPU, m) {
   m.impl("quantize", &quantize);
   m.impl("quantize_with_scales", &quantize_with_scales);
   m.impl("dequantize", &dequantize);
