@@ -43,7 +43,9 @@ def torch_quantize(x, granularity, group):
         pad = torch.nn.functional.pad(finite, (0, 0, 0, n * g - t))
         amax = pad.view(*x.shape[:-2], n, g, d).amax(-2)
         expand = lambda s: s.repeat_interleave(g, -2)[..., :t, :]
-    scale = amax / 127
+    # A tensor divisor: ATen divides a CUDA tensor by a Python scalar as a multiply by its reciprocal,
+    # which is not the correctly rounded quotient of the contract.
+    scale = amax / torch.full_like(amax, 127.0)
     scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
     q = xf / expand(scale)
     q = torch.where(torch.isnan(q), torch.zeros_like(q), q).clamp(-127, 127).round().to(torch.int8)
