@@ -10,15 +10,29 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 namespace kvq_torch {
 
+/// Numbers, shapes and devices as text for error messages, formatted without iostreams: an
+/// extension built by another GCC than the libstdc++ torch runs with was seen to crash formatting
+/// a number through a stream (every message with a number in it), while text passes through.
+inline std::string text(int64_t v) { return std::to_string(v); }
+inline std::string text(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+inline std::string text(const at::Device& d) {
+  return c10::DeviceTypeName(d.type(), /*lower_case=*/true) + (d.has_index() ? ":" + std::to_string(d.index()) : "");
+}
+
 /// t is a CUDA tensor (on `device` when given).
 inline void check_cuda(const at::Tensor& t, const char* name, c10::optional<at::Device> device = c10::nullopt) {
   TORCH_CHECK(t.defined(), "kvq: ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), "kvq: ", name, " must be a CUDA tensor, got one on ", t.device());
-  if (device) TORCH_CHECK(t.device() == *device, "kvq: ", name, " is on ", t.device(), ", the other operands on ", *device);
+  TORCH_CHECK(t.is_cuda(), "kvq: ", name, " must be a CUDA tensor, got one on ", text(t.device()));
+  if (device) TORCH_CHECK(t.device() == *device, "kvq: ", name, " is on ", text(t.device()), ", the other operands on ", text(*device));
 }
 
 inline void check_value_dtype(const at::Tensor& t, const char* name) {

@@ -15,7 +15,7 @@ namespace {
 kvq::QuantSpec spec_of(const std::string& granularity, int64_t group) {
   TORCH_CHECK(granularity == "per_token" || granularity == "per_channel",
               "kvq: granularity must be 'per_token' or 'per_channel', got '", granularity, "'");
-  TORCH_CHECK(group >= 0, "kvq: group must be >= 0 (0: the whole axis), got ", group);
+  TORCH_CHECK(group >= 0, "kvq: group must be >= 0 (0: the whole axis), got ", text(group));
   kvq::QuantSpec spec;
   spec.granularity = granularity == "per_token" ? kvq::Granularity::kPerToken : kvq::Granularity::kPerChannel;
   spec.group = group;
@@ -25,7 +25,7 @@ kvq::QuantSpec spec_of(const std::string& granularity, int64_t group) {
 /// The kvq view of x (2-D or 3-D, channels contiguous).
 kvq::KvView view_of(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "kvq: ", name, " must be [tokens, channels] or [batch, tokens, channels], got ",
-              x.dim(), " dimensions");
+              text(x.dim()), " dimensions");
   TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, "kvq: ", name, "'s channels must be contiguous (stride(-1) == 1)");
   kvq::KvView v;
   v.batch = x.dim() == 3 ? x.size(0) : 1;
@@ -46,7 +46,7 @@ void check_scales(const at::Tensor& scales, const at::Tensor& x, const kvq::KvVi
   check_cuda(scales, "scales", x.device());
   TORCH_CHECK(scales.scalar_type() == at::kFloat, "kvq: scales must be float32, got ", scales.scalar_type());
   TORCH_CHECK(scales.sizes() == at::IntArrayRef(scale_sizes(x, v, spec)), "kvq: scales must be ",
-              at::IntArrayRef(scale_sizes(x, v, spec)), " for this x and granularity, got ", scales.sizes());
+              text(scale_sizes(x, v, spec)), " for this x and granularity, got ", text(scales.sizes()));
   TORCH_CHECK(scales.is_contiguous(), "kvq: scales must be contiguous");
 }
 

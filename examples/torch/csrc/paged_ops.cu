@@ -49,11 +49,11 @@ kvq::PagedCache cache_of(const CacheTensors& c, const at::Device& device) {
     check_cuda(*t, name, device);
     TORCH_CHECK(t->scalar_type() == at::kChar, "kvq: ", name, " must be int8, got ", t->scalar_type());
     TORCH_CHECK(t->dim() == 4, "kvq: ", name, " must be 4-D ([pages, page_size, kv_heads, head_dim] or HND), got ",
-                t->dim(), " dimensions");
+                text(t->dim()), " dimensions");
     TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "kvq: ", name, "'s channels must be contiguous");
   }
-  TORCH_CHECK(c.k_codes.sizes() == c.v_codes.sizes(), "kvq: k_codes ", c.k_codes.sizes(), " and v_codes ",
-              c.v_codes.sizes(), " differ");
+  TORCH_CHECK(c.k_codes.sizes() == c.v_codes.sizes(), "kvq: k_codes ", text(c.k_codes.sizes()), " and v_codes ",
+              text(c.v_codes.sizes()), " differ");
   kvq::PagedCache cache;
   cache.num_pages = c.k_codes.size(0);
   cache.page_size = c.k_codes.size(nhd ? 1 : 2);
@@ -69,7 +69,7 @@ kvq::PagedCache cache_of(const CacheTensors& c, const at::Device& device) {
   auto check_scales = [&](const at::Tensor& s, const char* name, const std::vector<int64_t>& shape) {
     check_cuda(s, name, device);
     TORCH_CHECK(s.scalar_type() == at::kFloat, "kvq: ", name, " must be float32, got ", s.scalar_type());
-    TORCH_CHECK(s.sizes() == at::IntArrayRef(shape), "kvq: ", name, " must be ", at::IntArrayRef(shape), ", got ", s.sizes());
+    TORCH_CHECK(s.sizes() == at::IntArrayRef(shape), "kvq: ", name, " must be ", text(shape), ", got ", text(s.sizes()));
     TORCH_CHECK(s.is_contiguous(), "kvq: ", name, " must be contiguous");
   };
   check_scales(c.k_scales, "k_scales", by_page ? channel_scales : token_scales);
@@ -83,7 +83,7 @@ kvq::PagedCache cache_of(const CacheTensors& c, const at::Device& device) {
   check_value_dtype(open, "k_open");
   TORCH_CHECK(open.dim() == 4 && open.size(1) == cache.page_size && open.size(2) == cache.kv_heads &&
                   open.size(3) == cache.head_dim && open.is_contiguous(),
-              "kvq: k_open must be contiguous [max_seqs, page_size, kv_heads, head_dim], got ", open.sizes());
+              "kvq: k_open must be contiguous [max_seqs, page_size, kv_heads, head_dim], got ", text(open.sizes()));
   cache.open_type = element_type_of(open.scalar_type());
   cache.max_seqs = open.size(0);
   cache.k_open = open.data_ptr();
@@ -94,7 +94,7 @@ kvq::PagedCache cache_of(const CacheTensors& c, const at::Device& device) {
       TORCH_CHECK(t->scalar_type() == open.scalar_type(), "kvq: ", name, " must be k_open's dtype");
       TORCH_CHECK(t->dim() == 4 && t->size(0) == cache.max_seqs && t->size(2) == cache.kv_heads &&
                       t->size(3) == cache.head_dim && t->is_contiguous(),
-                  "kvq: ", name, " must be contiguous [max_seqs, sink_tokens, kv_heads, head_dim], got ", t->sizes());
+                  "kvq: ", name, " must be contiguous [max_seqs, sink_tokens, kv_heads, head_dim], got ", text(t->sizes()));
     }
     TORCH_CHECK(c.k_sink->sizes() == c.v_sink->sizes(), "kvq: k_sink and v_sink differ");
     cache.sink_tokens = c.k_sink->size(1);
@@ -107,8 +107,8 @@ kvq::PagedCache cache_of(const CacheTensors& c, const at::Device& device) {
 void check_int(const at::Tensor& t, const char* name, at::ScalarType type, const at::Device& device, int64_t n) {
   check_cuda(t, name, device);
   TORCH_CHECK(t.scalar_type() == type, "kvq: ", name, " must be ", type, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.is_contiguous(), "kvq: ", name, " must be contiguous [", n, "], got ",
-              t.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.is_contiguous(), "kvq: ", name, " must be contiguous [", text(n), "], got ",
+              text(t.sizes()));
 }
 
 unsigned long long* counter_of(const c10::optional<at::Tensor>& error_count, const at::Device& device) {
@@ -120,7 +120,7 @@ unsigned long long* counter_of(const c10::optional<at::Tensor>& error_count, con
 /// Token rows [tokens, kv_heads, head_dim] with contiguous channels.
 kvq::TokenRows rows_of(const at::Tensor& x, const char* name, const kvq::PagedCache& cache) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == cache.kv_heads && x.size(2) == cache.head_dim, "kvq: ", name,
-              " must be [tokens, ", cache.kv_heads, ", ", cache.head_dim, "], got ", x.sizes());
+              " must be [tokens, ", text(cache.kv_heads), ", ", text(cache.head_dim), "], got ", text(x.sizes()));
   TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == 1, "kvq: ", name, "'s channels must be contiguous");
   return kvq::TokenRows{x.size(0), x.stride(0), x.stride(1)};
 }
@@ -164,7 +164,7 @@ kvq::SequenceTable table_of(const at::Tensor& block_table, const at::Tensor& seq
   check_cuda(block_table, "block_table", device);
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.is_contiguous(),
               "kvq: block_table must be contiguous int32 [batch, max_pages_per_seq], got ", block_table.scalar_type(), " ",
-              block_table.sizes());
+              text(block_table.sizes()));
   const int64_t batch = block_table.size(0);
   check_int(seq_lens, "seq_lens", at::kInt, device, batch);
   if (seq_ids.has_value()) check_int(*seq_ids, "seq_ids", at::kInt, device, batch);
@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   const kvq::PagedCache cache = cache_of({k_codes, v_codes, k_scales, v_scales, layout, scheme, k_open, k_sink, v_sink}, device);
   const kvq::SequenceTable seqs = table_of(block_table, seq_lens, seq_ids, device);
   TORCH_CHECK(q.dim() == 3 && q.size(0) == seqs.batch && q.size(2) == cache.head_dim, "kvq: q must be [batch = ",
-              seqs.batch, ", q_heads, ", cache.head_dim, "], got ", q.sizes());
+              text(seqs.batch), ", q_heads, ", text(cache.head_dim), "], got ", text(q.sizes()));
   TORCH_CHECK(q.stride(2) == 1, "kvq: q's channels must be contiguous");
   const kvq::QueryRows q_rows{q.size(0), q.size(1), q.stride(0), q.stride(1)};
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
@@ -225,8 +225,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   const kvq::DecodePlan plan = kvq::make_decode_plan(
       kvq::DecodeLimits{seqs.batch, q.size(1), cache.kv_heads, cache.head_dim, max_seq_len},
       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  TORCH_CHECK(plan.splits > 0, "kvq: decode_attention does not take these limits (batch ", seqs.batch, ", q_heads ",
-              q.size(1), ", kv_heads ", cache.kv_heads, ", head_dim ", cache.head_dim, ", max_seq_len ", max_seq_len, ")");
+  TORCH_CHECK(plan.splits > 0, "kvq: decode_attention does not take these limits (batch ", text(seqs.batch),
+              ", q_heads ", text(q.size(1)), ", kv_heads ", text(cache.kv_heads), ", head_dim ", text(cache.head_dim),
+              ", max_seq_len ", text(max_seq_len), ")");
   at::Tensor workspace = at::empty({static_cast<int64_t>(kvq::decode_workspace_bytes(plan))}, q.options().dtype(at::kByte));
   unsigned long long* errors = counter_of(error_count, device);
   dispatch_value_type(q, [&](auto* qp) {
