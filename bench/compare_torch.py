@@ -26,6 +26,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -610,6 +611,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
                     help="processes that compile ahead in parallel (1: compile while timing)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="stop timing rows after this many seconds")
+    ap.add_argument("--match", default=None, help="only the rows whose kvq case name matches this regular expression")
     ap.add_argument("--kvq-ops", action="store_true",
                     help="also time kvq through its torch ops (examples/torch, importable as kvq_torch) in this process")
     args = ap.parse_args()
@@ -620,7 +622,7 @@ def main():
             return r["layout"] == args.only
         return args.only == "all" or (r["layout"] == "matrix") == (args.only == "paper")
 
-    rows = [r for r in cases(args.quick) if wanted(r)]
+    rows = [r for r in cases(args.quick) if wanted(r) and (args.match is None or re.search(args.match, r["kvq_case"]))]
 
     # kvq first, while nothing else holds GPU memory.
     kvq_json, kvq_rc = args.kvq_json, 0
