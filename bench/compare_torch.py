@@ -6,7 +6,13 @@ torch.compile (static shapes, one compiled graph per shape: dynamo's recompile l
 at its default of 8 it silently falls back to eager). The kvq side is kvq_bench: its JSON from this
 run (--kvq-json, the default workload and paper mode) or kvq_bench run from here on the matching
 cases (--kvq-bench). With --kvq-ops, kvq is also timed in this process through its torch custom
-ops (examples/torch, importable as kvq_torch), by the same timer as torch.
+ops (examples/torch, importable as kvq_torch), by the same timer as torch. The rows: the engines'
+shapes, the paged append (torch: index_copy_ of torch-quantized rows), decode attention (torch: SDPA
+over a dense fp16 cache, enable_gqa; kvq: decode_attention over the same K and V appended to its
+int8 pages) and the paper's; --only and --match (a regex of kvq case names) pick some.
+
+    PYTHONPATH=examples/torch python3 bench/compare_torch.py --kvq-bench build/bench/kvq_bench --kvq-ops \
+        --only decode --out-json torch_decode.json --out-md torch_decode.md
 
 Both sides are timed alike (kvq_bench.cu states the method): each call is captured `calls` times
 back to back into a CUDA graph (20; fewer for calls of more than 400 MB, the same rule as

@@ -1,6 +1,6 @@
 """Builds kvq_torch, kvq's operations as PyTorch custom ops, against this repository's include/.
 
-    cd examples/torch && pip install --no-build-isolation -e .
+    cd examples/torch && TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace
 
 needs torch (with CUDA) and nvcc; TORCH_CUDA_ARCH_LIST picks the GPUs (default: the visible one's).
 """
