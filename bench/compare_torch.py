@@ -5,7 +5,14 @@ The PyTorch side is plain code (eager, timed for the paper's rows), and the same
 torch.compile (static shapes, one compiled graph per shape: dynamo's recompile limit is raised, since
 at its default of 8 it silently falls back to eager). The kvq side is kvq_bench: its JSON from this
 run (--kvq-json, the default workload and paper mode) or kvq_bench run from here on the matching
-cases (--kvq-bench).
+cases (--kvq-bench). With --kvq-ops, kvq is also timed in this process through its torch custom
+ops (examples/torch, importable as kvq_torch), by the same timer as torch. The rows: the engines'
+shapes, the paged append (torch: index_copy_ of torch-quantized rows), decode attention (torch: SDPA
+over a dense fp16 cache, enable_gqa; kvq: decode_attention over the same K and V appended to its
+int8 pages) and the paper's; --only and --match (a regex of kvq case names) pick some.
+
+    PYTHONPATH=examples/torch python3 bench/compare_torch.py --kvq-bench build/bench/kvq_bench --kvq-ops \
+        --only decode --out-json torch_decode.json --out-md torch_decode.md
 
 Both sides are timed alike (kvq_bench.cu states the method): each call is captured `calls` times
 back to back into a CUDA graph (20; fewer for calls of more than 400 MB, the same rule as
@@ -25,6 +32,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +58,7 @@ OPS = {
     "given_g128": ("quantize_with_scales/{dtype}/per_channel_g128", "given per-channel scales, groups of 128"),
     "dequantize_g128": ("dequantize/{dtype}/per_channel_g128", "dequantize (per-channel, groups of 128)"),
     "append_kv": ("append_kv/{dtype}/per_token_head", "paged append of K and V (per token-head)"),
+    "decode_attention": ("decode_attention/{dtype}/per_token_head", "decode attention (torch: SDPA, dense fp16)"),
 }
 HEADLINE_OPS = ("per_channel", "per_token", "given", "dequantize", "per_channel_g128", "per_token_g32")
 ROW_OPS = ("per_token", "given_per_token", "dequantize_per_token")
@@ -70,6 +79,12 @@ VIEWS = [("THD", dict(tokens=128, heads=8, batch=1, channels=128)),
 PAGED = [(True, 1, 16), (True, 8, 16), (True, 64, 16), (True, 256, 16), (False, 32768, 16), (False, 32768, 64)]
 PAGED_HEADS, PAGED_DIM = 8, 128
 
+# Decode attention (paged_ops.cu, attention_cases; issue 18's targets): (batch, tokens a sequence),
+# 32 query / 8 KV heads of 128 channels, fp16 queries, pages of 64 tokens. torch: SDPA over a dense
+# fp16 cache (enable_gqa); kvq: decode_attention over its int8 pages.
+DECODE = [(8, 32768), (1, 131072), (32, 1024), (128, 2048)]
+DECODE_Q_HEADS, DECODE_PAGE = 32, 64
+
 MAX_CALLS_PER_REPLAY = 20
 REPLAY_BYTES = 8e9  # kvq_bench.cu: kReplayBytes
 
@@ -81,6 +96,8 @@ def calls_per_replay(nbytes):
 
 def shape_name(r):
     t, d = r["tokens"], r["channels"]
+    if r["layout"] == "decode":
+        return f"B{r['batch']}_T{t}_Hq{r['q_heads']}_Hkv{r['heads']}_D{d}_P{r['page_size']}"
     if r["layout"] == "paged":
         return (f"decode_S{t}" if r["decode"] else f"prefill_T{t}") + f"_H{r['heads']}_D{d}_P{r['page_size']}"
     if r["layout"] == "rows":
@@ -108,6 +125,14 @@ def make_paged_row(dtype, decode, tokens, page_size):
     return r
 
 
+def make_decode_row(batch, tokens):
+    r = dict(dtype="half", layout="decode", op="decode_attention", tokens=tokens, channels=PAGED_DIM,
+             heads=PAGED_HEADS, q_heads=DECODE_Q_HEADS, batch=batch, eager=False, page_size=DECODE_PAGE)
+    r["kvq_case"] = OPS["decode_attention"][0].format(dtype="half") + "/" + shape_name(r)
+    r["elements"] = 2 * batch * tokens * PAGED_HEADS * PAGED_DIM  # K and V
+    return r
+
+
 def cases(quick):
     """The rows to compare: the engines' shapes first (torch.compile only: per-token rows for D in
     {64, 128, 256} in every dtype and for 80 and 96 in fp16; the per-head views with keys per
@@ -124,6 +149,7 @@ def cases(quick):
         for layout, v in VIEWS:
             rows += [make_row(dt, layout, op, **v) for op in VIEW_OPS]
     rows += [make_paged_row(dt, *p) for dt in DTYPES for p in PAGED]
+    rows += [make_decode_row(*b) for b in DECODE]
     rows += [make_row(dt, "matrix", op, *HEADLINE, eager=True) for dt in DTYPES for op in HEADLINE_OPS]
     if not quick:
         rows += [make_row("float", "matrix", "given", t, d, eager=True) for (t, d) in PAPER_SHAPES if (t, d) != HEADLINE]
@@ -195,8 +221,12 @@ def make_ops(torch):
             cache.index_copy_(0, slots, q)
             scales.index_copy_(0, slots, scale.squeeze(-1))
 
+    def decode_attention(q, k, v):
+        """One query token per sequence over a dense fp16 cache: q [B, Hq, 1, D], k, v [B, Hkv, T, D]."""
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
     return {"per_channel": per_channel, "per_token": per_token, "given": given, "dequantize": dequantize,
-            "append_kv": append_kv,
+            "append_kv": append_kv, "decode_attention": decode_attention,
             "per_channel_g128": per_channel_g128, "per_token_g32": per_token_g32, "given_per_token": given,
             "dequantize_per_token": dequantize, "given_g128": given_g128, "dequantize_g128": dequantize_g128}
 
@@ -223,6 +253,10 @@ def make_args(torch, ops, r, tdt):
         caches = [torch.zeros(pages * ps, h, d, dtype=torch.int8, device="cuda") for _ in range(2)]
         scales = [torch.ones(pages * ps, h, device="cuda") for _ in range(2)]
         return (k, v, slots, *caches, *scales)
+    if r["layout"] == "decode":
+        q = (torch.rand(b, r["q_heads"], 1, d, device="cuda") * 2 - 1).to(tdt)
+        k, v = ((torch.rand(b, h, t, d, device="cuda") * 2 - 1).to(tdt) for _ in range(2))
+        return (q, k, v)
     shape = {"matrix": (t, d), "rows": (t, d), "THD": (t, h, d), "BHTD": (b, h, t, d)}[r["layout"]]
     x = (torch.rand(*shape, device="cuda") * 2 - 1).to(tdt)
     op = r["op"]
@@ -347,6 +381,84 @@ def time_torch(torch, rows, compile_mode, save, deadline):
         save()
 
 
+# --- kvq through its torch ops (examples/torch), in this process --------------------------------
+
+def per_head(x):
+    """kvq's view of a row's tensor: [T, D] as it is; [T, H, D] and [B, H, T, D] as [heads, T, D]
+    (channels contiguous, strides as they are: no copy)."""
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:
+        return x.permute(1, 0, 2)
+    b, h, t, d = x.shape
+    return x.reshape(b * h, t, d)
+
+
+# row op -> (granularity, group) of the kvq call
+KVQ_SPEC = {"per_channel": ("per_channel", 0), "per_token": ("per_token", 0), "given": ("per_channel", 0),
+            "dequantize": ("per_channel", 0), "per_channel_g128": ("per_channel", 128),
+            "per_token_g32": ("per_token", 32), "given_per_token": ("per_token", 0),
+            "dequantize_per_token": ("per_token", 0), "given_g128": ("per_channel", 128),
+            "dequantize_g128": ("per_channel", 128)}
+
+
+def kvq_call(torch, kvq_torch, row, args, tdt):
+    """A no-argument callable that runs row's op through kvq's torch ops on the same inputs as
+    torch's (args, from make_args), or None where the row has no kvq op."""
+    op = row["op"]
+    if op == "append_kv":
+        k, v, slots, k_cache, v_cache, k_scales, v_scales = args
+        ps, h, d = row["page_size"], row["heads"], row["channels"]
+        pools = [c.view(-1, ps, h, d) for c in (k_cache, v_cache)]
+        scales = [sc.view(-1, ps, h) for sc in (k_scales, v_scales)]
+        return lambda: torch.ops.kvq.append_kv(k, v, slots, *pools, *scales, "NHD", "per_token_head")
+    if op == "decode_attention":  # the same K and V appended to a kvq cache, then attended from it
+        q, k, v = args
+        b, h, t, d = k.shape
+        pages_per_seq = (t + row["page_size"] - 1) // row["page_size"]
+        cache = kvq_torch.PagedKvCache(b * pages_per_seq, row["page_size"], h, d, max_seqs=b,
+                                       max_pages_per_seq=pages_per_seq)
+        for s in range(b):
+            cache.append(k[s].transpose(0, 1).contiguous(), v[s].transpose(0, 1).contiguous(), seqs=[s], counts=[t])
+        q3 = q.squeeze(2)
+        table, lens, _ = cache.tables(range(b))
+        return lambda: kvq_torch.decode_attention(cache, q3, table, lens, t)
+    if op not in KVQ_SPEC:
+        return None
+    granularity, group = KVQ_SPEC[op]
+    x = per_head(make_args(torch, None, dict(row, op="per_token"), tdt)[0] if op in SOURCE_OP else args[0])
+    if op in SOURCE_OP:  # given scales and dequantize: kvq's own scales and codes of the same kind of input
+        q, scale = kvq_torch.quantize(x, granularity, group)
+        if op.startswith("dequantize"):
+            return lambda: kvq_torch.dequantize(q, scale, granularity, group, tdt)
+        return lambda: kvq_torch.quantize_with_scales(x, scale, granularity, group)
+    return lambda: kvq_torch.quantize(x, granularity, group)
+
+
+def time_kvq_ops(torch, rows, save, deadline):
+    """kvq through kvq_torch's ops, timed by the same GraphTimer as torch: row['kvq_ops_us'] and
+    row['kvq_ops_hot_us']."""
+    import kvq_torch
+    timer = GraphTimer(torch)
+    for row in rows:
+        if time.time() > deadline:
+            break
+        try:
+            tdt = torch_dtype(torch, row["dtype"])
+            fn = kvq_call(torch, kvq_torch, row, make_args(torch, make_ops(torch), row, tdt), tdt)
+            if fn is None:
+                continue
+            calls = row.get("calls_per_replay") or calls_per_replay(row["elements"] * (ELEMENT_BYTES[row["dtype"]] + 1))
+            row["kvq_ops_us"], row["kvq_ops_hot_us"] = timer.time(fn, calls, replays_for(row["elements"]))
+            print(f"  kvq_torch {row['dtype']:8s} {shape_name(row):24s} {row['op']:20s} {row['kvq_ops_us']:10.2f} us cold "
+                  f"{row['kvq_ops_hot_us']:10.2f} us hot", flush=True)
+        except Exception as e:
+            row["kvq_ops_error"] = f"{type(e).__name__}: {e}"
+            print(f"  kvq_torch {row['dtype']} {shape_name(row)} {row['op']}: FAILED {row['kvq_ops_error']}", flush=True)
+        torch.cuda.empty_cache()
+        save()
+
+
 # --- compiling ahead in parallel ----------------------------------------------------------------
 
 def precompile_worker(rows, compile_mode):
@@ -440,8 +552,8 @@ def engine_markdown(rows, copy):
              "replays back to back. Speedup = torch time / kvq time (> 1: kvq is faster); % = of the "
              "device-to-device copy rate, at the cold time.", "",
              "| dtype | shape | op | MB | kvq cold | torch.compile cold | kvq % copy | torch % copy | speedup cold | "
-             "kvq hot | torch.compile hot | speedup hot |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "kvq hot | torch.compile hot | speedup hot | kvq op in torch cold / hot |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["layout"] == "matrix":
             continue
@@ -450,7 +562,8 @@ def engine_markdown(rows, copy):
             f"| {r['dtype']} | {shape_name(r)} | {OPS[r['op']][1]} | {mb} | {fmt_time(r.get('kvq_us'))} | "
             f"{fmt_time(r.get('compile_us'))} | {pct_copy(r, 'kvq_us', copy)} | {pct_copy(r, 'compile_us', copy)} | "
             f"{ratio(r.get('compile_us'), r.get('kvq_us'))} | {fmt_time(r.get('kvq_hot_us'))} | "
-            f"{fmt_time(r.get('compile_hot_us'))} | {ratio(r.get('compile_hot_us'), r.get('kvq_hot_us'))} |")
+            f"{fmt_time(r.get('compile_hot_us'))} | {ratio(r.get('compile_hot_us'), r.get('kvq_hot_us'))} | "
+            f"{fmt_time(r.get('kvq_ops_us'))} / {fmt_time(r.get('kvq_ops_hot_us'))} |")
     return lines
 
 
@@ -498,21 +611,24 @@ def main():
     ap.add_argument("--out-json", default="torch.json")
     ap.add_argument("--out-md", default="compare.md")
     ap.add_argument("--quick", action="store_true", help="skip the fp32 sweep over the paper's shapes")
-    ap.add_argument("--only", choices=("all", "engine", "paper", "paged"), default="all",
-                    help="the engines' shapes, the paper's, both (default), or the paged append rows alone")
+    ap.add_argument("--only", choices=("all", "engine", "paper", "paged", "decode"), default="all",
+                    help="the engines' shapes, the paper's, both (default), or the paged append or decode attention rows alone")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: PyTorch's default)")
     ap.add_argument("--jobs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
                     help="processes that compile ahead in parallel (1: compile while timing)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="stop timing rows after this many seconds")
+    ap.add_argument("--match", default=None, help="only the rows whose kvq case name matches this regular expression")
+    ap.add_argument("--kvq-ops", action="store_true",
+                    help="also time kvq through its torch ops (examples/torch, importable as kvq_torch) in this process")
     args = ap.parse_args()
     deadline = time.time() + args.deadline_s
 
     def wanted(r):
-        if args.only == "paged":
-            return r["layout"] == "paged"
+        if args.only in ("paged", "decode"):
+            return r["layout"] == args.only
         return args.only == "all" or (r["layout"] == "matrix") == (args.only == "paper")
 
-    rows = [r for r in cases(args.quick) if wanted(r)]
+    rows = [r for r in cases(args.quick) if wanted(r) and (args.match is None or re.search(args.match, r["kvq_case"]))]
 
     # kvq first, while nothing else holds GPU memory.
     kvq_json, kvq_rc = args.kvq_json, 0
@@ -567,6 +683,9 @@ def main():
         precompile(rows, args.jobs, args.compile_mode)
     print("timing PyTorch (torch.compile; eager for the paper's rows)...", flush=True)
     time_torch(torch, rows, args.compile_mode, save, deadline)
+    if args.kvq_ops:
+        print("timing kvq through its torch ops (kvq_torch), the same way...", flush=True)
+        time_kvq_ops(torch, rows, save, deadline)
     print()
     print(markdown(rows, copy, header, floor))
     print(f"wrote {args.out_md} and {args.out_json}")
