@@ -203,6 +203,52 @@ def test_decode_attention_in_a_cuda_graph_and_under_compile():
     assert torch.equal(out, kvq_torch.decode_attention(cache, q, table, lens, 192)[0])
 
 
+@pytest.mark.parametrize("scheme", ["per_token_head", "keys_per_channel_page"])
+def test_append_and_gather_under_torch_compile(scheme):
+    eager, compiled = make_cache(scheme), make_cache(scheme)  # the same free list: the same pages
+    k, v = rand(40, 2, 128, seed=19, nonfinite=False), rand(40, 2, 128, seed=20, nonfinite=False)
+
+    def append(cache, k, v, slots, ids, positions):
+        kvq_torch.append_kv(cache, k, v, slots, ids, positions)
+
+    step = torch.compile(append, fullgraph=True)
+    for rows, counts in ((slice(0, 30), [21, 9]), (slice(30, 32), [1, 1])):  # a prefill chunk, a decode step
+        append(eager, k[rows], v[rows], *eager.plan([0, 1], counts))
+        step(compiled, k[rows], v[rows], *compiled.plan([0, 1], counts))
+    for name in ("k_codes", "v_codes", "k_scales", "v_scales") + (("k_open",) if eager.k_open is not None else ()):
+        assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+    table, lens, ids = eager.tables([0, 1])
+    gather = torch.compile(lambda t, n, i: kvq_torch.gather_kv(eager, t, n, torch.float16, i), fullgraph=True)
+    span = eager.max_pages_per_seq * eager.page_size
+    for got, want in zip(gather(table, lens, ids), kvq_torch.gather_kv(eager, table, lens, torch.float16, ids)):
+        for b, n in enumerate((22, 10)):  # each sequence's rows (the rest of its span is not written)
+            assert torch.equal(got[b * span:b * span + n], want[b * span:b * span + n])
+
+
+def test_append_in_a_cuda_graph_replays_decode_steps():
+    scheme = "keys_per_channel_page"  # pages of 16 close and open across the steps
+    cache, twin = make_cache(scheme), make_cache(scheme)
+    k, v = rand(2, 2, 128, seed=21, nonfinite=False), rand(2, 2, 128, seed=22, nonfinite=False)
+    slots, ids, positions = (t.clone() for t in cache.plan([0, 1], [1, 1]))
+    kvq_torch.append_kv(cache, k, v, slots, ids, positions)  # step 1 eagerly, outside the capture
+    kvq_torch.append_kv(twin, k, v, *twin.plan([0, 1], [1, 1]))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # recorded, not run
+        kvq_torch.append_kv(cache, k, v, slots, ids, positions)
+    for step in range(20):  # steps 2 to 21, replayed with new rows and new slots
+        k.copy_(rand(2, 2, 128, seed=100 + step, nonfinite=False))
+        v.copy_(rand(2, 2, 128, seed=200 + step, nonfinite=False))
+        for dst, src in zip((slots, ids, positions), cache.plan([0, 1], [1, 1])):
+            dst.copy_(src)
+        graph.replay()
+        kvq_torch.append_kv(twin, k, v, *twin.plan([0, 1], [1, 1]))
+    torch.cuda.synchronize()
+    for name in ("k_codes", "v_codes", "k_scales", "v_scales", "k_open"):
+        assert torch.equal(getattr(cache, name), getattr(twin, name)), name
+    assert cache.error_count.item() == 0
+
+
 def test_paged_bad_arguments_raise():
     cache = make_cache("per_token_head")
     k = rand(2, 2, 128)
