@@ -261,3 +261,18 @@ def test_paged_bad_arguments_raise():
     table, lens, _ = cache.tables([0])
     with pytest.raises(RuntimeError, match="decode_attention"):  # 3 query heads over 2 KV heads
         kvq_torch.decode_attention(cache, rand(1, 3, 128), table, lens, 64)
+
+
+def test_the_readme_example_runs():
+    """The top-level README's "From PyTorch" example, as written there."""
+    import os
+    import re
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "..", "README.md")
+    with open(readme) as f:
+        text = f.read()
+    section = text.split("## From PyTorch", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(code, scope)
+    assert scope["out"].shape == (1, 32, 128) and scope["lse"].shape == (1, 32)
+    assert torch.isfinite(scope["out"].float()).all() and torch.isfinite(scope["lse"]).all()
