@@ -105,18 +105,17 @@ TORCH_LIBRARY_FRAGMENT(kvq, m) {
   m.def("dequantize(Tensor q, Tensor scales, str granularity, int group, ScalarType dtype) -> Tensor");
 }
 
-// CPU too: tensors on the wrong device then reach the op's own checks (a RuntimeError naming the
-// argument) rather than the dispatcher's "could not run with arguments from the CPU backend".
-TORCH_LIBRARY_IMPL(kvq, CUDA, m) {
+// For CPU too: tensors on the wrong device then reach the op's own checks (a RuntimeError naming
+// the argument) rather than the dispatcher's "could not run with arguments from the CPU backend".
+namespace {
+void impl_ops(torch::Library& m) {
   m.impl("quantize", &quantize);
   m.impl("quantize_with_scales", &quantize_with_scales);
   m.impl("dequantize", &dequantize);
 }
+}  // namespace
 
-TORCH_LIBRARY_IMPL(kvq, CPU, m) {
-  m.impl("quantize", &quantize);
-  m.impl("quantize_with_scales", &quantize_with_scales);
-  m.impl("dequantize", &dequantize);
-}
+TORCH_LIBRARY_IMPL(kvq, CUDA, m) { impl_ops(m); }
+TORCH_LIBRARY_IMPL(kvq, CPU, m) { impl_ops(m); }
 
 }  // namespace kvq_torch

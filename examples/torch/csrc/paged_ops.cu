@@ -257,18 +257,17 @@ TORCH_LIBRARY_FRAGMENT(kvq, m) {
       "Tensor? k_sink=None, Tensor? v_sink=None, Tensor? seq_ids=None, Tensor(a!)? error_count=None) -> (Tensor, Tensor)");
 }
 
-// CPU too: tensors on the wrong device then reach the op's own checks (a RuntimeError naming the
-// argument) rather than the dispatcher's "could not run with arguments from the CPU backend".
-TORCH_LIBRARY_IMPL(kvq, CUDA, m) {
+// For CPU too: tensors on the wrong device then reach the op's own checks (a RuntimeError naming
+// the argument) rather than the dispatcher's "could not run with arguments from the CPU backend".
+namespace {
+void impl_ops(torch::Library& m) {
   m.impl("append_kv", &append_kv);
   m.impl("gather_kv", &gather_kv);
   m.impl("decode_attention", &decode_attention);
 }
+}  // namespace
 
-TORCH_LIBRARY_IMPL(kvq, CPU, m) {
-  m.impl("append_kv", &append_kv);
-  m.impl("gather_kv", &gather_kv);
-  m.impl("decode_attention", &decode_attention);
-}
+TORCH_LIBRARY_IMPL(kvq, CUDA, m) { impl_ops(m); }
+TORCH_LIBRARY_IMPL(kvq, CPU, m) { impl_ops(m); }
 
 }  // namespace kvq_torch
