@@ -194,6 +194,7 @@ struct AppendByPagePolicy {
   static constexpr int kMinBlocksPerSm = 2;  // 128 registers a thread
   static constexpr int kRoundTokens = 64;  // tokens whose fates a block decides at a time
   static constexpr int kTeamRows = 8;      // rows of a closing page a lane stages at a time
+  static constexpr int kStageBytes = kTeamRows * kThreads * 16;  // dynamic shared memory (static is full)
   static constexpr int kMaxChannels = 256; // vector rows: at most 32 units of at most 8 channels
 };
 
@@ -301,7 +302,8 @@ struct CloserTeam {
   int index;     // this thread's team in its block
   int rowslot;   // this thread's rows
   int rowslots;  // rows at a time
-  int rows;      // rows a lane holds, ceil(page_size / rowslots)
+  int rows;      // rows a lane stages, ceil(page_size / rowslots)
+  int held;      // rows a lane holds, those of its rowslot: ceil((page_size - rowslot) / rowslots)
   __device__ explicit CloserTeam(std::int64_t page_size) {
     using P = AppendByPagePolicy;
     block = page_size > (32 / kLanes) * P::kTeamRows;
@@ -310,6 +312,7 @@ struct CloserTeam {
     rowslot = static_cast<int>(threadIdx.x) % threads / kLanes;
     rowslots = threads / kLanes;
     rows = static_cast<int>((page_size + rowslots - 1) / rowslots);
+    held = rowslot < page_size ? static_cast<int>((page_size - rowslot + rowslots - 1) / rowslots) : 0;
   }
   __device__ int count() const { return AppendByPagePolicy::kThreads / threads; }
   __device__ void sync() const {
@@ -350,7 +353,10 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
   __shared__ int closer_count, late;
   __shared__ std::uint32_t team_max[P::kWarps][32][kWords];      // a block team's raw amax by warp
   __shared__ std::uint32_t exact_max[P::kWarps][P::kMaxChannels];  // a team's finite amax, NaN/Inf pages
-  __shared__ uint4 stage[P::kTeamRows][P::kThreads];               // a closing page's rows, by thread
+  __shared__ float page_scale[P::kWarps][P::kMaxChannels];        // a team's amax, then scales
+  __shared__ float page_recip[P::kWarps][P::kMaxChannels];        // and their reciprocals
+  extern __shared__ uint4 stage_bytes[];  // (kTeamRows, kThreads): a closing page's rows, by thread
+  auto stage = [&](int b) -> uint4& { return stage_bytes[b * P::kThreads + threadIdx.x]; };
   if (threadIdx.x == 0) late = 0;
 
   // A contiguous range of tokens a block: its tokens' rows are neighbours in memory, and a
@@ -412,33 +418,35 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     }
     const int u = g.lane;
     const bool has_unit = u < units;
-    auto row_q = [&](int k) { return start + team.rowslot + static_cast<std::int64_t>(k) * team.rowslots; };
-    auto held_row = [&](int k) { return k < team.rows && row_q(k) <= pos; };
-    // The lane's rows are staged in shared memory by cp.async, kTeamRows at a time: all in flight at
-    // once without holding registers, and read twice (amax, codes).
-    // Row k of the lane is position start + rowslot + k * rowslots: in the buffer below old_end,
-    // else in k_new; each a fixed stride from the lane's first.
-    const T* const open_row = open + cache.open_offset(seq, team.rowslot, h, u * V);
-    const T* const new_row = row_of(k_new, t + (start + team.rowslot - pos), h) + u * V;
-    const std::int64_t open_step = team.rowslots * heads * d, new_step = team.rowslots * rows.token_stride;
+    // The lane's rows k < team.held are positions start + rowslot + k * rowslots: in the buffer
+    // below old_end (k < old_rows), else in k_new, each a fixed stride from the lane's first; those
+    // from k_scaled on are outside the sinks. They are staged in shared memory by cp.async,
+    // kTeamRows at a time: all in flight at once without holding registers, and read twice (amax,
+    // codes). Row indices are 32-bit: the page's loops are most of a closer's instructions.
     const int old_rows = static_cast<int>((old_end - start - team.rowslot + team.rowslots - 1) / team.rowslots);
+    const std::int64_t sink_rows = first_scaled - start;  // in [0, page_size]
+    const int k_scaled =
+        sink_rows <= team.rowslot ? 0 : static_cast<int>((sink_rows - team.rowslot + team.rowslots - 1) / team.rowslots);
+    const std::int64_t open_step = team.rowslots * heads * d, new_step = team.rowslots * rows.token_stride;
+    const T* const open_first = open + cache.open_offset(seq, team.rowslot, h, u * V);
+    const T* const new_first = row_of(k_new, t + (start + team.rowslot - pos), h) + u * V;
     auto stage_rows = [&](int k0) {
 #pragma unroll
       for (int b = 0; b < P::kTeamRows; ++b) {
         const int k = k0 + b;
-        if (has_unit && held_row(k))
-          copy_async_16(&stage[b][threadIdx.x], k < old_rows ? open_row + k * open_step : new_row + k * new_step);
+        if (has_unit && k < team.held)
+          copy_async_16(&stage(b), k < old_rows ? open_first + k * open_step : new_first + k * new_step);
       }
       copy_async_wait_all();
     };
-    auto staged = [&](int b) { return device::unpack<T, V>(reinterpret_cast<const device::Bits<V, T>&>(stage[b][threadIdx.x])); };
+    auto staged = [&](int b) { return device::unpack<T, V>(reinterpret_cast<const device::Bits<V, T>&>(stage(b))); };
     // Each channel's raw amax over the lane's rows, then over the team's rowslots.
     std::uint32_t raw[kWords] = {};
     for (int k0 = 0; k0 < team.rows; k0 += P::kTeamRows) {
       stage_rows(k0);
 #pragma unroll
       for (int b = 0; b < P::kTeamRows; ++b)
-        if (has_unit && held_row(k0 + b) && row_q(k0 + b) >= first_scaled) device::raw_abs_max_into(raw, staged(b));
+        if (has_unit && k0 + b < team.held && k0 + b >= k_scaled) device::raw_abs_max_into(raw, staged(b));
     }
 #pragma unroll
     for (int w = 0; w < kWords; ++w)
@@ -462,17 +470,18 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
       finite &= bits < device::RawAbs<T>::kNonfinite;
       amax[e] = device::RawAbs<T>::value(bits);
     }
+    const int team_thread = static_cast<int>(threadIdx.x) % team.threads;
     if (team.any(!finite)) {  // a NaN or Inf in the page: every channel's largest finite value
-      for (int c = static_cast<int>(threadIdx.x) % team.threads; c < units * V; c += team.threads) exact[c] = 0;
+      for (int c = team_thread; c < units * V; c += team.threads) exact[c] = 0;
       team.sync();
       if (has_unit) {
         std::uint32_t m[V] = {};
-        for (int k = 0; k < team.rows; ++k)
-          if (held_row(k) && row_q(k) >= first_scaled) {
-            const Fragment<T, V> x = device::unpack<T, V>(device::load_bits<V>(key_row(row_q(k)) + u * V));
+        for (int k = k_scaled; k < team.held; ++k) {
+          const T* row = k < old_rows ? open_first + k * open_step : new_first + k * new_step;
+          const Fragment<T, V> x = device::unpack<T, V>(device::load_bits<V>(row));
 #pragma unroll
-            for (int e = 0; e < V; ++e) m[e] = max(m[e], finite_abs_bits(to_float(x[e])));
-          }
+          for (int e = 0; e < V; ++e) m[e] = max(m[e], finite_abs_bits(to_float(x[e])));
+        }
 #pragma unroll
         for (int e = 0; e < V; ++e) atomicMax(&exact[u * V + e], m[e]);
       }
@@ -480,28 +489,45 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
 #pragma unroll
       for (int e = 0; e < V; ++e) amax[e] = has_unit ? bits_to_float(exact[u * V + e]) : 0.0f;
     }
-    if (team.block) __syncthreads();  // team_max and exact are rewritten by the next page
     // The lean codes (kvq::quantize's per-channel path) where every channel of the unit is finite
     // and its scale in the fast range; they hold for the rows its amax was taken over.
     bool lean = finite;
+#pragma unroll
+    for (int e = 0; e < V; ++e) lean &= lean_codes_apply(amax[e]);
+    // Each channel's scale and reciprocal computed once for the team, by its threads in turn (not
+    // by every rowslot holding the channel: a correctly rounded divide and reciprocal are tens of
+    // instructions each), and passed through shared memory.
+    float* const team_scale = page_scale[team.block ? 0 : warp];
+    float* const team_recip = page_recip[team.block ? 0 : warp];
+    if (has_unit && team.rowslot == 0)
+#pragma unroll
+      for (int e = 0; e < V; ++e) team_scale[u * V + e] = amax[e];
+    team.sync();
+    for (int c = team_thread; c < units * V; c += team.threads) {  // a thread's own c: amax in, scale out
+      const float scale = scale_from_amax(team_scale[c]);
+      team_scale[c] = scale;
+      team_recip[c] = reciprocal(scale);
+      k_scales[c] = scale;
+    }
+    team.sync();
     Fragment<float, V> sc, rs;
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      lean &= lean_codes_apply(amax[e]);
-      sc[e] = scale_from_amax(amax[e]);
-      rs[e] = reciprocal(sc[e]);
-      if (has_unit && team.rowslot == 0) k_scales[u * V + e] = sc[e];
+      sc[e] = has_unit ? team_scale[u * V + e] : 1.0f;
+      rs[e] = has_unit ? team_recip[u * V + e] : 1.0f;
     }
-    std::int8_t* const code_row = k_page + team.rowslot * s.token_stride + u * V;
+    team.sync();  // team_max, exact and the scales are rewritten by the team's next page
+    std::int8_t* const code_first = k_page + team.rowslot * s.token_stride + u * V;
     const std::int64_t code_step = team.rowslots * s.token_stride;
     // (A page with sinks takes the exact path throughout: the same codes, sinks outside the amax.)
     with_codes_path<T>(lean && start >= cache.sink_tokens, [&](auto within_amax) {
       for (int k0 = 0; k0 < team.rows; k0 += P::kTeamRows) {
         if (team.rows > P::kTeamRows) stage_rows(k0);  // else staged since the amax pass
+        std::int8_t* code_row = code_first + k0 * code_step;
 #pragma unroll
-        for (int b = 0; b < P::kTeamRows; ++b)
-          if (has_unit && held_row(k0 + b))
-            device::store<V>(code_row + (k0 + b) * code_step, codes<decltype(within_amax)::value>(staged(b), sc, rs));
+        for (int b = 0; b < P::kTeamRows; ++b, code_row += code_step)
+          if (has_unit && k0 + b < team.held)
+            device::store<V>(code_row, codes<decltype(within_amax)::value>(staged(b), sc, rs));
       }
     });
   };
@@ -778,7 +804,8 @@ cudaError_t launch_append_kv(const T* k_new, const T* v_new, const TokenRows& ro
 }
 
 /// Blocks of append_kv_by_page_kernel<kLanes, kUnits, T> that run at once on the current device:
-/// a cooperative launch's most. Asked of the runtime once a device (a decode step is called often).
+/// a cooperative launch's most, with the kernel's stage buffer in dynamic shared memory (allowed
+/// past the default 48 KB here). Asked of the runtime once a device (a decode step is called often).
 template <int kLanes, int kUnits, class T>
 cudaError_t append_by_page_blocks(int& blocks) {
   constexpr int kMaxDevices = 64;
@@ -789,8 +816,13 @@ cudaError_t append_by_page_blocks(int& blocks) {
   int sms = 0, per_sm = 0;
   if (cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); err != cudaSuccess)
     return err;
-  if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, append_kv_by_page_kernel<kLanes, kUnits, T>, AppendByPagePolicy::kThreads, 0);
+  const auto kernel = append_kv_by_page_kernel<kLanes, kUnits, T>;
+  if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             AppendByPagePolicy::kStageBytes);
+      err != cudaSuccess)
+    return err;
+  if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, AppendByPagePolicy::kThreads,
+                                                                      AppendByPagePolicy::kStageBytes);
       err != cudaSuccess)
     return err;
   blocks = std::max(per_sm * sms, 1);
@@ -810,6 +842,7 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(std::min<std::int64_t>(blocks, rows.tokens)));  // a block a token at most
     config.blockDim = dim3(AppendByPagePolicy::kThreads);
+    config.dynamicSmemBytes = AppendByPagePolicy::kStageBytes;
     config.stream = stream;
     cudaLaunchAttribute cooperative{};
     cooperative.id = cudaLaunchAttributeCooperative;
