@@ -7,7 +7,8 @@ at its default of 8 it silently falls back to eager). The kvq side is kvq_bench:
 run (--kvq-json, the default workload and paper mode) or kvq_bench run from here on the matching
 cases (--kvq-bench). With --kvq-ops, kvq is also timed in this process through its torch custom
 ops (examples/torch, importable as kvq_torch), by the same timer as torch. The rows: the engines'
-shapes, the paged append (torch: index_copy_ of torch-quantized rows), decode attention (torch: SDPA
+shapes, the paged append in both scale schemes (torch: index_copy_ of torch-quantized rows; for keys
+per channel per page, each sequence's open page of keys quantized where it fills), decode attention (torch: SDPA
 over a dense fp16 cache, enable_gqa; kvq: decode_attention over the same K and V appended to its
 int8 pages) and the paper's; --only and --match (a regex of kvq case names) pick some.
 
@@ -58,6 +59,8 @@ OPS = {
     "given_g128": ("quantize_with_scales/{dtype}/per_channel_g128", "given per-channel scales, groups of 128"),
     "dequantize_g128": ("dequantize/{dtype}/per_channel_g128", "dequantize (per-channel, groups of 128)"),
     "append_kv": ("append_kv/{dtype}/per_token_head", "paged append of K and V (per token-head)"),
+    "append_kv_by_page": ("append_kv/{dtype}/keys_per_channel_page",
+                          "paged append of K and V (keys per channel per page, values per token-head)"),
     "decode_attention": ("decode_attention/{dtype}/per_token_head", "decode attention (torch: SDPA, dense fp16)"),
 }
 HEADLINE_OPS = ("per_channel", "per_token", "given", "dequantize", "per_channel_g128", "per_token_g32")
@@ -78,6 +81,9 @@ VIEWS = [("THD", dict(tokens=128, heads=8, batch=1, channels=128)),
 # chunk writes T tokens of one sequence into shuffled pages.
 PAGED = [(True, 1, 16), (True, 8, 16), (True, 64, 16), (True, 256, 16), (False, 32768, 16), (False, 32768, 64)]
 PAGED_HEADS, PAGED_DIM = 8, 128
+# Scheme 2 (keys per channel per page), fp16 only in kvq_bench: decode steps of 8 / 64 / 256
+# sequences at random offsets of their open page, and the same prefills.
+PAGED_BY_PAGE = [(True, 8, 16), (True, 64, 16), (True, 256, 16), (False, 32768, 16), (False, 32768, 64)]
 
 # Decode attention (paged_ops.cu, attention_cases; issue 18's targets): (batch, tokens a sequence),
 # 32 query / 8 KV heads of 128 channels, fp16 queries, pages of 64 tokens. torch: SDPA over a dense
@@ -117,10 +123,10 @@ def make_row(dtype, layout, op, tokens, channels, heads=1, batch=1, eager=False)
     return r
 
 
-def make_paged_row(dtype, decode, tokens, page_size):
-    r = dict(dtype=dtype, layout="paged", op="append_kv", tokens=tokens, channels=PAGED_DIM, heads=PAGED_HEADS,
+def make_paged_row(dtype, decode, tokens, page_size, op="append_kv"):
+    r = dict(dtype=dtype, layout="paged", op=op, tokens=tokens, channels=PAGED_DIM, heads=PAGED_HEADS,
              batch=1, eager=False, decode=decode, page_size=page_size)
-    r["kvq_case"] = OPS["append_kv"][0].format(dtype=dtype) + "/" + shape_name(r)
+    r["kvq_case"] = OPS[op][0].format(dtype=dtype) + "/" + shape_name(r)
     r["elements"] = 2 * tokens * PAGED_HEADS * PAGED_DIM  # K and V
     return r
 
@@ -149,6 +155,7 @@ def cases(quick):
         for layout, v in VIEWS:
             rows += [make_row(dt, layout, op, **v) for op in VIEW_OPS]
     rows += [make_paged_row(dt, *p) for dt in DTYPES for p in PAGED]
+    rows += [make_paged_row("half", *p, op="append_kv_by_page") for p in PAGED_BY_PAGE]
     rows += [make_decode_row(*b) for b in DECODE]
     rows += [make_row(dt, "matrix", op, *HEADLINE, eager=True) for dt in DTYPES for op in HEADLINE_OPS]
     if not quick:
@@ -221,12 +228,46 @@ def make_ops(torch):
             cache.index_copy_(0, slots, q)
             scales.index_copy_(0, slots, scale.squeeze(-1))
 
+    def append_kv_by_page(k, v, slots, seq_ids, positions, k_cache, v_cache, k_scales, v_scales, k_open, decode):
+        """Scheme 2 as a PyTorch user writes it with static shapes (capturable: no data-dependent
+        sizes): k, v [T, H, D]; caches [slots, H, D] int8 (NHD pages, flattened); k_scales [pages, H,
+        D] and v_scales [slots, H] fp32; k_open [seqs, page_size, H, D] in k's dtype, each sequence's
+        open page of keys; seq_ids and positions int64. Values per token-head as append_kv. A decode
+        step (one token a sequence) puts each key in its open page, quantizes every such page per
+        channel and keeps the result where the token is its page's last (torch.where against the
+        page as it was); a prefill chunk (one sequence, from a page's start) quantizes its whole pages
+        straight from k and leaves the rest in the open page."""
+        ps = k_open.shape[1]
+        q, scale = per_token(v.float())
+        v_cache.index_copy_(0, slots, q)
+        v_scales.index_copy_(0, slots, scale.squeeze(-1))
+        pages = k_cache.view(-1, ps, *k_cache.shape[1:])
+        if decode:
+            offset = positions % ps
+            k_open[seq_ids, offset] = k
+            tail = k_open[seq_ids].float()  # [T, page_size, H, D]
+            ks = scale_of(tail.abs().amax(dim=1))
+            page = slots // ps
+            closes = offset == ps - 1
+            pages.index_copy_(0, page, torch.where(closes.view(-1, 1, 1, 1), codes(tail, ks.unsqueeze(1)), pages[page]))
+            k_scales.index_copy_(0, page, torch.where(closes.view(-1, 1, 1), ks, k_scales[page]))
+        else:
+            t = k.shape[0]
+            full = t // ps * ps
+            kp = k[:full].float().view(-1, ps, *k.shape[1:])
+            ks = scale_of(kp.abs().amax(dim=1))
+            page = slots[:full:ps] // ps
+            pages.index_copy_(0, page, codes(kp, ks.unsqueeze(1)))
+            k_scales.index_copy_(0, page, ks)
+            if full < t:
+                k_open[seq_ids[full:], positions[full:] % ps] = k[full:]
+
     def decode_attention(q, k, v):
         """One query token per sequence over a dense fp16 cache: q [B, Hq, 1, D], k, v [B, Hkv, T, D]."""
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
     return {"per_channel": per_channel, "per_token": per_token, "given": given, "dequantize": dequantize,
-            "append_kv": append_kv, "decode_attention": decode_attention,
+            "append_kv": append_kv, "append_kv_by_page": append_kv_by_page, "decode_attention": decode_attention,
             "per_channel_g128": per_channel_g128, "per_token_g32": per_token_g32, "given_per_token": given,
             "dequantize_per_token": dequantize, "given_g128": given_g128, "dequantize_g128": dequantize_g128}
 
@@ -252,7 +293,15 @@ def make_args(torch, ops, r, tdt):
         k, v = ((torch.rand(t, h, d, device="cuda") * 2 - 1).to(tdt) for _ in range(2))
         caches = [torch.zeros(pages * ps, h, d, dtype=torch.int8, device="cuda") for _ in range(2)]
         scales = [torch.ones(pages * ps, h, device="cuda") for _ in range(2)]
-        return (k, v, slots, *caches, *scales)
+        if r["op"] != "append_kv_by_page":
+            return (k, v, slots, *caches, *scales)
+        # paged_ops.cu's scheme-2 cases: a decode step's sequence t at offset slot % page_size of its
+        # open page (the page's earlier rows in k_open); a prefill is positions 0 to T - 1 of sequence 0.
+        seq_ids = torch.arange(t, device="cuda") if r["decode"] else torch.zeros(t, dtype=torch.int64, device="cuda")
+        positions = slots % ps if r["decode"] else torch.arange(t, device="cuda")
+        k_scales = torch.ones(pages, h, d, device="cuda")
+        k_open = (torch.rand(t if r["decode"] else 1, ps, h, d, device="cuda") * 2 - 1).to(tdt)
+        return (k, v, slots, seq_ids, positions, *caches, k_scales, scales[1], k_open, r["decode"])
     if r["layout"] == "decode":
         q = (torch.rand(b, r["q_heads"], 1, d, device="cuda") * 2 - 1).to(tdt)
         k, v = ((torch.rand(b, h, t, d, device="cuda") * 2 - 1).to(tdt) for _ in range(2))
@@ -412,6 +461,13 @@ def kvq_call(torch, kvq_torch, row, args, tdt):
         pools = [c.view(-1, ps, h, d) for c in (k_cache, v_cache)]
         scales = [sc.view(-1, ps, h) for sc in (k_scales, v_scales)]
         return lambda: torch.ops.kvq.append_kv(k, v, slots, *pools, *scales, "NHD", "per_token_head")
+    if op == "append_kv_by_page":
+        k, v, slots, seq_ids, positions, k_cache, v_cache, k_scales, v_scales, k_open, _ = args
+        ps, h, d = row["page_size"], row["heads"], row["channels"]
+        pools = [c.view(-1, ps, h, d) for c in (k_cache, v_cache)]
+        ids, pos = seq_ids.to(torch.int32), positions.to(torch.int32)
+        return lambda: torch.ops.kvq.append_kv(k, v, slots, *pools, k_scales, v_scales.view(-1, ps, h), "NHD",
+                                               "keys_per_channel_page", ids, pos, k_open)
     if op == "decode_attention":  # the same K and V appended to a kvq cache, then attended from it
         q, k, v = args
         b, h, t, d = k.shape
