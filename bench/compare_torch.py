@@ -220,13 +220,16 @@ def make_ops(torch):
         scale = scale_of(xg.abs().amax(dim=2, keepdim=True))
         return codes(xg, scale).view(t, d), scale
 
+    def write_per_token(x, slots, cache, scales):  # x [T, H, D] into cache [slots, H, D], scales [slots, H]
+        q, scale = per_token(x.float())
+        cache.index_copy_(0, slots, q)
+        scales.index_copy_(0, slots, scale.squeeze(-1))
+
     def append_kv(k, v, slots, k_cache, v_cache, k_scales, v_scales):
         """vLLM's reshape_and_cache with int8 per token-head, as a PyTorch user writes it: k, v
         [T, H, D]; caches [slots, H, D] int8 (NHD pages, flattened), scales [slots, H] fp32."""
-        for x, cache, scales in ((k, k_cache, k_scales), (v, v_cache, v_scales)):
-            q, scale = per_token(x.float())
-            cache.index_copy_(0, slots, q)
-            scales.index_copy_(0, slots, scale.squeeze(-1))
+        write_per_token(k, slots, k_cache, k_scales)
+        write_per_token(v, slots, v_cache, v_scales)
 
     def append_kv_by_page(k, v, slots, seq_ids, positions, k_cache, v_cache, k_scales, v_scales, k_open, decode):
         """Scheme 2 as a PyTorch user writes it with static shapes (capturable: no data-dependent
@@ -238,9 +241,7 @@ def make_ops(torch):
         page as it was); a prefill chunk (one sequence, from a page's start) quantizes its whole pages
         straight from k and leaves the rest in the open page."""
         ps = k_open.shape[1]
-        q, scale = per_token(v.float())
-        v_cache.index_copy_(0, slots, q)
-        v_scales.index_copy_(0, slots, scale.squeeze(-1))
+        write_per_token(v, slots, v_cache, v_scales)
         pages = k_cache.view(-1, ps, *k_cache.shape[1:])
         if decode:
             offset = positions % ps
