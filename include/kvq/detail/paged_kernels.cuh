@@ -210,6 +210,8 @@ struct Int64Divmod {
     return x >= 0 && x <= INT32_MAX && d <= INT32_MAX ? std::int64_t{f.div(static_cast<std::uint32_t>(x))} : x / d;
   }
   __device__ std::int64_t mod(std::int64_t x) const { return x - div(x) * d; }
+  /// x / d for 0 <= x < 2^31 and d < 2^31 (a kernel's counts within a round: no range check).
+  __device__ int div_small(int x) const { return static_cast<int>(f.div(static_cast<std::uint32_t>(x))); }
 };
 
 /// A token's slot, sequence id and position; a row outside the call reads as padding.
@@ -430,12 +432,12 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     const std::int64_t open_step = team.rowslots * heads * d, new_step = team.rowslots * rows.token_stride;
     const T* const open_first = open + cache.open_offset(seq, team.rowslot, h, u * V);
     const T* const new_first = row_of(k_new, t + (start + team.rowslot - pos), h) + u * V;
+    auto lane_row = [&](int k) { return k < old_rows ? open_first + k * open_step : new_first + k * new_step; };
     auto stage_rows = [&](int k0) {
 #pragma unroll
       for (int b = 0; b < P::kTeamRows; ++b) {
         const int k = k0 + b;
-        if (has_unit && k < team.held)
-          copy_async_16(&stage(b), k < old_rows ? open_first + k * open_step : new_first + k * new_step);
+        if (has_unit && k < team.held) copy_async_16(&stage(b), lane_row(k));
       }
       copy_async_wait_all();
     };
@@ -477,8 +479,7 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
       if (has_unit) {
         std::uint32_t m[V] = {};
         for (int k = k_scaled; k < team.held; ++k) {
-          const T* row = k < old_rows ? open_first + k * open_step : new_first + k * new_step;
-          const Fragment<T, V> x = device::unpack<T, V>(device::load_bits<V>(row));
+          const Fragment<T, V> x = device::unpack<T, V>(device::load_bits<V>(lane_row(k)));
 #pragma unroll
           for (int e = 0; e < V; ++e) m[e] = max(m[e], finite_abs_bits(to_float(x[e])));
         }
@@ -568,37 +569,41 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
   // A decode step's token: a block of its own, and no neighbour row of its sequence. Its fate then
   // needs no scan (it closes its page at the page's last position, from the buffer's rows and its
   // own; else it opens now), and its rows are loaded together with the metadata: one round trip
-  // before its V and open K rows are written, two before a closing page's codes.
-  if (vectors && per_block == 1 && first < rows.tokens && 2 * heads <= kRowBatch * kRowGroups) {
-    const std::int64_t t = first;
-    const TokenMeta me = load_meta(slot_mapping, tp, rows.tokens, t);
-    const TokenMeta prev = load_meta(slot_mapping, tp, rows.tokens, t - 1);
-    const TokenMeta next = load_meta(slot_mapping, tp, rows.tokens, t + 1);
-    device::Bits<V, T> held[kRowBatch][kUnits];
+  // before its V and open K rows are written, two before a closing page's codes. Compiled only
+  // into the narrow-lane kernels (a prefill's wide ones never have a token a block, and carry none
+  // of its registers).
+  if constexpr (kUnits == 1) {
+    if (vectors && per_block == 1 && first < rows.tokens && 2 * heads <= kRowBatch * kRowGroups) {
+      const std::int64_t t = first;
+      const TokenMeta me = load_meta(slot_mapping, tp, rows.tokens, t);
+      const TokenMeta prev = load_meta(slot_mapping, tp, rows.tokens, t - 1);
+      const TokenMeta next = load_meta(slot_mapping, tp, rows.tokens, t + 1);
+      device::Bits<V, T> held[kRowBatch][kUnits];
 #pragma unroll
-    for (int b = 0; b < kRowBatch; ++b) {
-      const int i = row_group + b * kRowGroups;  // [0, heads): V rows, [heads, 2 * heads): K rows
-      const T* x = i < heads ? row_of(v_new, t, i) : row_of(k_new, t, i - heads);
+      for (int b = 0; b < kRowBatch; ++b) {
+        const int i = row_group + b * kRowGroups;  // [0, heads): V rows, [heads, 2 * heads): K rows
+        const T* x = i < heads ? row_of(v_new, t, i) : row_of(k_new, t, i - heads);
 #pragma unroll
-      for (int u = 0; u < kUnits; ++u)
-        if (i < 2 * heads && owns(u)) held[b][u] = device::load_bits<V>(x + (r.lane + u * kRowLanes) * V);
-    }
-    if (me.seq != prev.seq && me.seq != next.seq) {  // else the general walk below decides
-      if (!paged_valid_token(cache, me, page_div)) {
-        if (threadIdx.x == 0 && me.slot >= 0 && error_count != nullptr) atomicAdd(error_count, 1ull);
-      } else {
-        const bool closes = page_div.mod(me.pos) == ps - 1;
-#pragma unroll
-        for (int b = 0; b < kRowBatch; ++b) {
-          const int i = row_group + b * kRowGroups;
-          if (i < heads) write_v_row(t, i, me.slot, me.seq, me.pos, held[b]);
-          else if (i < 2 * heads && !closes) write_k_open(t, i - heads, me.seq, me.pos, held[b]);
-        }
-        if (closes)  // rows [pos - page_size + 1, pos) from the buffer, pos from k_new
-          for (int h = team.index; h < heads; h += team.count()) close_page(t, h, 1);
+        for (int u = 0; u < kUnits; ++u)
+          if (i < 2 * heads && owns(u)) held[b][u] = device::load_bits<V>(x + (r.lane + u * kRowLanes) * V);
       }
-      grid.barrier_arrive();  // no late row here; others may wait for this block's closer
-      return;
+      if (me.seq != prev.seq && me.seq != next.seq) {  // else the general walk below decides
+        if (!paged_valid_token(cache, me, page_div)) {
+          if (threadIdx.x == 0 && me.slot >= 0 && error_count != nullptr) atomicAdd(error_count, 1ull);
+        } else {
+          const bool closes = page_div.mod(me.pos) == ps - 1;
+#pragma unroll
+          for (int b = 0; b < kRowBatch; ++b) {
+            const int i = row_group + b * kRowGroups;
+            if (i < heads) write_v_row(t, i, me.slot, me.seq, me.pos, held[b]);
+            else if (i < 2 * heads && !closes) write_k_open(t, i - heads, me.seq, me.pos, held[b]);
+          }
+          if (closes)  // rows [pos - page_size + 1, pos) from the buffer, pos from k_new
+            for (int h = team.index; h < heads; h += team.count()) close_page(t, h, 1);
+        }
+        grid.barrier_arrive();  // no late row here; others may wait for this block's closer
+        return;
+      }
     }
   }
 
@@ -612,7 +617,7 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     // known, for every token that is not padding (a decode step's round is one batch).
     const int pairs = n * static_cast<int>(heads);
     auto item = [&](int i, std::int64_t& t, std::int64_t& h) {  // item i's token and head; whether V
-      const int pair = i < pairs ? i : i - pairs, local = static_cast<int>(head_div.div(pair));
+      const int pair = i < pairs ? i : i - pairs, local = head_div.div_small(pair);
       t = base + local;
       h = pair - local * heads;
       return i < pairs;
@@ -662,7 +667,7 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     // The round's closing pages, a (token, head) a team.
     const int items = closer_count * static_cast<int>(heads);
     for (int i = team.index; i < items; i += team.count()) {
-      const int c = static_cast<int>(head_div.div(i)), local = closers[c];
+      const int c = head_div.div_small(i), local = closers[c];
       close_page(base + local, i - c * heads, nearest[local]);
     }
   }
@@ -679,7 +684,7 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
     decide(base, n, false);
     __syncthreads();
     for (int i = group; i < n * heads; i += kGroups) {
-      const int local = static_cast<int>(head_div.div(i));
+      const int local = head_div.div_small(i);
       if (fate[local] != KeyFate::kOpensLate) continue;
       const std::int64_t t = base + local, h = i - local * heads;
       device::Bits<V, T> held{};
