@@ -210,7 +210,8 @@ struct Int64Divmod {
     return x >= 0 && x <= INT32_MAX && d <= INT32_MAX ? std::int64_t{f.div(static_cast<std::uint32_t>(x))} : x / d;
   }
   __device__ std::int64_t mod(std::int64_t x) const { return x - div(x) * d; }
-  /// x / d for 0 <= x < 2^31 and d < 2^31 (a kernel's counts within a round: no range check).
+  /// x / d for 0 <= x < 2^31 and d < 2^31, unchecked: the round's item counts (kRoundTokens x
+  /// kv_heads x 2, already int in the kernel) and the head count.
   __device__ int div_small(int x) const { return static_cast<int>(f.div(static_cast<std::uint32_t>(x))); }
 };
 
@@ -570,8 +571,9 @@ KVQ_KERNEL void __launch_bounds__(AppendByPagePolicy::kThreads, AppendByPagePoli
   // needs no scan (it closes its page at the page's last position, from the buffer's rows and its
   // own; else it opens now), and its rows are loaded together with the metadata: one round trip
   // before its V and open K rows are written, two before a closing page's codes. Compiled only
-  // into the narrow-lane kernels (a prefill's wide ones never have a token a block, and carry none
-  // of its registers).
+  // into the narrow-lane kernels: the wide ones run prefills (tokens x heads >= 33792), which leave
+  // a block one token only on GPUs of 264 SMs or more, and there the walk below writes the same
+  // bytes; this way they carry none of the path's registers.
   if constexpr (kUnits == 1) {
     if (vectors && per_block == 1 && first < rows.tokens && 2 * heads <= kRowBatch * kRowGroups) {
       const std::int64_t t = first;
