@@ -438,6 +438,30 @@ TEST(PagedValidation, BadCachesAreRefusedAndNothingIsTouched) {
   EXPECT_EQ(validate_cache(I.cache(ib.data())), cudaSuccess);
 }
 
+// Validation reads no byte of a cache, so its arrays may be addresses 1 GiB apart: a 1-page,
+// 1-token, 1-channel cache of kMaxKeysPerChannelPageHeads heads is valid, one more head is not.
+TEST(PagedValidation, KeysPerChannelCachesHaveAtMostMaxHeads) {
+  auto at = [](int gib) { return reinterpret_cast<std::int8_t*>(std::uintptr_t{1} << 30) + (std::int64_t{gib} << 30); };
+  auto cache = [&](std::int64_t heads) {
+    PagedCache c;
+    c.num_pages = c.page_size = c.head_dim = c.max_seqs = 1;
+    c.kv_heads = heads;
+    c.scheme = PagedScheme::kKeysPerChannelPage;
+    c.k_codes = at(0);
+    c.v_codes = at(1);
+    c.k_strides = c.v_strides = nhd_strides(1, heads, 1);
+    c.k_scales = reinterpret_cast<float*>(at(2));
+    c.v_scales = reinterpret_cast<float*>(at(3));
+    c.k_open = at(4);
+    return c;
+  };
+  EXPECT_EQ(validate_cache(cache(kMaxKeysPerChannelPageHeads)), cudaSuccess);
+  EXPECT_EQ(validate_cache(cache(kMaxKeysPerChannelPageHeads + 1)), cudaErrorInvalidValue);
+  PagedCache per_token = cache(kMaxKeysPerChannelPageHeads + 1);
+  per_token.scheme = PagedScheme::kPerTokenHead;  // counts its rows in 64 bits
+  EXPECT_EQ(validate_cache(per_token), cudaSuccess);
+}
+
 TEST(PagedValidation, KeysPerChannelCachesNeedTheirBuffersPositionsAndType) {
   const CacheLayout L(16, 16, 2, 64, PoolLayout::kHnd, ByPage{4, 2, ElementType::kHalf});
   std::vector<std::uint8_t> bytes(L.bytes, kCachePoison);

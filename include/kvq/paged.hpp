@@ -74,6 +74,10 @@ constexpr ElementType element_type_of<__nv_bfloat16>() noexcept { return Element
 
 constexpr std::size_t element_size(ElementType t) noexcept { return t == ElementType::kFloat ? 4 : 2; }
 
+/// kKeysPerChannelPage: the most KV heads a cache may have. append_kv decides a round of up to 64
+/// tokens at a time and counts its (token, head, K or V) rows in 32 bits.
+constexpr std::int64_t kMaxKeysPerChannelPageHeads = std::int64_t{1} << 24;
+
 /// One layer's paged cache. Plain pointers into device memory (host memory for the reference);
 /// kvq never allocates or frees them.
 struct PagedCache {
@@ -255,8 +259,8 @@ inline bool valid_rows(const TokenRows& r, std::int64_t kv_heads, std::int64_t h
 
 /// The cache itself: sizes >= 1, a known scheme, non-null pools and scales, scales 4-byte aligned,
 /// strides that neither overlap nor overflow, and no two of its arrays sharing an element. Under
-/// kKeysPerChannelPage also max_seqs >= 1, sink_tokens >= 0, a known open_type, and non-null,
-/// element-aligned full-precision buffers.
+/// kKeysPerChannelPage also max_seqs >= 1, sink_tokens >= 0, kv_heads <= kMaxKeysPerChannelPageHeads,
+/// a known open_type, and non-null, element-aligned full-precision buffers.
 inline cudaError_t validate_cache(const PagedCache& c) noexcept {
   if (c.num_pages < 1 || c.page_size < 1 || c.kv_heads < 1 || c.head_dim < 1) return cudaErrorInvalidValue;
   if (c.scheme != PagedScheme::kPerTokenHead && c.scheme != PagedScheme::kKeysPerChannelPage)
@@ -271,7 +275,8 @@ inline cudaError_t validate_cache(const PagedCache& c) noexcept {
       !detail::pools_disjoint(c))
     return cudaErrorInvalidValue;
   if (c.scheme == PagedScheme::kKeysPerChannelPage) {
-    if (c.max_seqs < 1 || c.sink_tokens < 0) return cudaErrorInvalidValue;
+    if (c.max_seqs < 1 || c.sink_tokens < 0 || c.kv_heads > kMaxKeysPerChannelPageHeads)
+      return cudaErrorInvalidValue;
     if (c.open_type != ElementType::kFloat && c.open_type != ElementType::kHalf &&
         c.open_type != ElementType::kBfloat16)
       return cudaErrorInvalidValue;
