@@ -75,8 +75,9 @@ constexpr ElementType element_type_of<__nv_bfloat16>() noexcept { return Element
 constexpr std::size_t element_size(ElementType t) noexcept { return t == ElementType::kFloat ? 4 : 2; }
 
 /// kKeysPerChannelPage: the most KV heads a cache may have. append_kv decides a round of up to 64
-/// tokens at a time and counts its (token, head, K or V) rows in 32 bits.
-constexpr std::int64_t kMaxKeysPerChannelPageHeads = std::int64_t{1} << 24;
+/// tokens at a time and counts its (token, head, K or V) rows, and a batch of rows past them, in
+/// int.
+constexpr std::int64_t kMaxKeysPerChannelPageHeads = std::int64_t{1} << 23;
 
 /// One layer's paged cache. Plain pointers into device memory (host memory for the reference);
 /// kvq never allocates or frees them.

@@ -197,7 +197,7 @@ struct AppendByPagePolicy {
   static constexpr int kStageBytes = kTeamRows * kThreads * 16;  // dynamic shared memory (static is full)
   static constexpr int kMaxChannels = 256; // vector rows: at most 32 units of at most 8 channels
 };
-static_assert(2 * AppendByPagePolicy::kRoundTokens * kMaxKeysPerChannelPageHeads <= INT32_MAX,
+static_assert(2 * AppendByPagePolicy::kRoundTokens * kMaxKeysPerChannelPageHeads <= std::int64_t{1} << 30,
               "a round's (token, head, K or V) items are counted in int");
 
 /// x / d and x % d (C++'s, truncating) for d = f.divisor: by FastDivmod where 0 <= x < 2^31,
