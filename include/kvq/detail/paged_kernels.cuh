@@ -44,6 +44,16 @@ inline int paged_lanes(std::int64_t head_dim) {
   return vectors <= 8 ? 8 : vectors <= 16 ? 16 : 32;
 }
 
+/// f(std::integral_constant<int, paged_lanes<T>(head_dim)>{}): the lane counts the kernels are
+/// compiled for, chosen at run time.
+template <class T, class F>
+decltype(auto) with_paged_lanes(std::int64_t head_dim, F&& f) {
+  const int lanes = paged_lanes<T>(head_dim);
+  return lanes == 8    ? f(std::integral_constant<int, 8>{})
+         : lanes == 16 ? f(std::integral_constant<int, 16>{})
+                       : f(std::integral_constant<int, 32>{});
+}
+
 inline unsigned paged_grid(std::int64_t rows, int lanes) {
   const std::int64_t threads = rows * lanes;
   const std::int64_t blocks = (threads + PagedPolicy::kThreads - 1) / PagedPolicy::kThreads;
@@ -769,14 +779,7 @@ KVQ_KERNEL void __launch_bounds__(PagedPolicy::kThreads)
 /// paged_lanes as a compile-time constant (8, 16 or 32), the grid by paged_grid.
 template <class T, class Kernel>
 cudaError_t launch_by_lanes(std::int64_t rows, std::int64_t head_dim, Kernel kernel) {
-  const int lanes = paged_lanes<T>(head_dim);
-  const unsigned grid = paged_grid(rows, lanes);
-  if (lanes == 8)
-    kernel(std::integral_constant<int, 8>{}, grid);
-  else if (lanes == 16)
-    kernel(std::integral_constant<int, 16>{}, grid);
-  else
-    kernel(std::integral_constant<int, 32>{}, grid);
+  with_paged_lanes<T>(head_dim, [&](auto lanes) { kernel(lanes, paged_grid(rows, decltype(lanes)::value)); });
   return check_launch();
 }
 
@@ -870,11 +873,8 @@ cudaError_t launch_append_kv_by_page(const T* k_new, const T* v_new, const Token
   const bool wide = vectors && rows.tokens * cache.kv_heads >= kWideRows && cache.head_dim / V > 4;
   using I1 = std::integral_constant<int, 1>;
   using I4 = std::integral_constant<int, 4>;
-  const int lanes = paged_lanes<T>(cache.head_dim);
   auto with_lanes = [&](auto units_per_lane) {
-    return lanes == 8    ? launch(std::integral_constant<int, 8>{}, units_per_lane)
-           : lanes == 16 ? launch(std::integral_constant<int, 16>{}, units_per_lane)
-                         : launch(std::integral_constant<int, 32>{}, units_per_lane);
+    return with_paged_lanes<T>(cache.head_dim, [&](auto lanes) { return launch(lanes, units_per_lane); });
   };
   return wide ? with_lanes(I4{}) : with_lanes(I1{});
 }
