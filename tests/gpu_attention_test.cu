@@ -148,24 +148,13 @@ void check_case(const AttentionCase& ac, int sm_count) {
     }
   }
   // Deterministic: a second run, and a CUDA graph of the call, give the same bits.
-  cudaStream_t stream;
-  KVQ_ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  KVQ_ASSERT_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  const cudaError_t captured = run(stream);
-  KVQ_ASSERT_CUDA(cudaStreamEndCapture(stream, &graph));
-  KVQ_ASSERT_CUDA(captured);
-  cudaGraphExec_t exec;
-  KVQ_ASSERT_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  CapturedCall graph;
+  KVQ_ASSERT_CUDA(graph.capture(run));
   KVQ_ASSERT_CUDA(dout.poison(kPoisonValueByte));
-  KVQ_ASSERT_CUDA(cudaGraphLaunch(exec, stream));
-  KVQ_ASSERT_CUDA(cudaStreamSynchronize(stream));
+  KVQ_ASSERT_CUDA(graph.replay());
   std::vector<T> again;
   KVQ_ASSERT_CUDA(dout.download(again));
   expect_identical(again, got, "graph replay vs eager: " + what);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
 }
 
 template <class T>

@@ -64,6 +64,42 @@ class DeviceBuffer {
   std::size_t n_;
 };
 
+/// A call captured once into a CUDA graph on a stream of its own (thread-local capture), to be
+/// replayed with new contents in the buffers it was given.
+class CapturedCall {
+ public:
+  CapturedCall() = default;
+  ~CapturedCall() {
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+    if (graph_ != nullptr) cudaGraphDestroy(graph_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  CapturedCall(const CapturedCall&) = delete;
+  CapturedCall& operator=(const CapturedCall&) = delete;
+  /// Records call(stream) and instantiates it: the call's own error first, then the capture's.
+  template <class Call>
+  cudaError_t capture(Call&& call) {
+    if (cudaError_t err = cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking); err != cudaSuccess) return err;
+    if (cudaError_t err = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal); err != cudaSuccess)
+      return err;
+    const cudaError_t called = call(stream_);
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph_);
+    if (called != cudaSuccess) return called;
+    if (ended != cudaSuccess) return ended;
+    return cudaGraphInstantiate(&exec_, graph_, 0);
+  }
+  /// Launches the graph and waits for it.
+  cudaError_t replay() {
+    const cudaError_t err = cudaGraphLaunch(exec_, stream_);
+    return err != cudaSuccess ? err : cudaStreamSynchronize(stream_);
+  }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+};
+
 constexpr int kPoisonScaleByte = 0xff;  // NaN, which no scale is
 constexpr int kPoisonCodeByte = 0x80;   // -128, which no code is
 constexpr int kPoisonValueByte = 0xff;  // NaN in fp32, fp16 and bf16

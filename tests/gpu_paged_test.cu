@@ -115,6 +115,18 @@ void gather_both(TwinCache& c, const Traffic& traffic, const std::string& what) 
   }
 }
 
+/// After a run of traffic: the device counted the tokens the reference skipped, `expected` of
+/// them, and gather_kv agrees on both sides.
+template <class T>
+void expect_counted_then_gather(TwinCache& c, const Traffic& traffic, const DeviceBuffer<unsigned long long>& d_errors,
+                                unsigned long long host_errors, unsigned long long expected, const std::string& what) {
+  std::vector<unsigned long long> errors;
+  KVQ_ASSERT_CUDA(d_errors.download(errors));
+  EXPECT_EQ(errors[0], host_errors) << what;
+  EXPECT_EQ(host_errors, expected) << what;
+  gather_both<T>(c, traffic, what);
+}
+
 TYPED_TEST(GpuPaged, RandomTrafficEqualsTheReferenceAfterEveryStep) {
   using T = TypeParam;
   // KVQ_TEST_SHAPES=small (the sanitizer runs): two page sizes and head dims, every layout.
@@ -140,11 +152,7 @@ TYPED_TEST(GpuPaged, RandomTrafficEqualsTheReferenceAfterEveryStep) {
           append_both<T>(c, slots, 100 * step + dim, d_errors.get(), host_errors, what + " step " + std::to_string(step));
           if (::testing::Test::HasFatalFailure()) return;
         }
-        std::vector<unsigned long long> errors;
-        KVQ_ASSERT_CUDA(d_errors.download(errors));
-        EXPECT_EQ(errors[0], host_errors) << what;
-        EXPECT_EQ(host_errors, 6u) << what;
-        gather_both<T>(c, traffic, what);
+        expect_counted_then_gather<T>(c, traffic, d_errors, host_errors, 6, what);
         if (::testing::Test::HasFailure()) return;
       }
 }
@@ -178,11 +186,7 @@ TYPED_TEST(GpuPaged, KeysPerChannelPageTrafficEqualsTheReferenceAfterEveryStep) 
                            ids, pos);
             if (::testing::Test::HasFatalFailure()) return;
           }
-          std::vector<unsigned long long> errors;
-          KVQ_ASSERT_CUDA(d_errors.download(errors));
-          EXPECT_EQ(errors[0], host_errors) << what;
-          EXPECT_EQ(host_errors, 6u) << what;
-          gather_both<T>(c, traffic, what);
+          expect_counted_then_gather<T>(c, traffic, d_errors, host_errors, 6, what);
           if (::testing::Test::HasFailure()) return;
         }
 }
@@ -231,16 +235,11 @@ TYPED_TEST(GpuPaged, KeysPerChannelPageDecodeStepCapturedOnceReplays) {
   DeviceBuffer<std::int64_t> ds(kSeqs);
   DeviceBuffer<std::int32_t> d_ids(kSeqs), d_pos(kSeqs);
   ASSERT_TRUE(dk.get() && dv.get() && ds.get() && d_ids.get() && d_pos.get());
-  cudaStream_t stream;
-  KVQ_ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  KVQ_ASSERT_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  const cudaError_t captured = append_kv(dk.get(), dv.get(), rows, ds.get(), TokenPositions{d_ids.get(), d_pos.get()},
-                                         c.on_device(), nullptr, stream);
-  KVQ_ASSERT_CUDA(cudaStreamEndCapture(stream, &graph));
-  KVQ_ASSERT_CUDA(captured);
-  cudaGraphExec_t exec;
-  KVQ_ASSERT_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  CapturedCall graph;
+  KVQ_ASSERT_CUDA(graph.capture([&](cudaStream_t stream) {
+    return append_kv(dk.get(), dv.get(), rows, ds.get(), TokenPositions{d_ids.get(), d_pos.get()}, c.on_device(),
+                     nullptr, stream);
+  }));
   Traffic traffic(kSeqs, pages, page_size, 3, 9);
   for (int step = 0; step < 40; ++step) {  // pages fill, close and new ones open
     std::vector<std::int64_t> slots = traffic.step(true, 1);
@@ -260,8 +259,7 @@ TYPED_TEST(GpuPaged, KeysPerChannelPageDecodeStepCapturedOnceReplays) {
     KVQ_ASSERT_CUDA(ds.upload(slots));
     KVQ_ASSERT_CUDA(d_ids.upload(ids));
     KVQ_ASSERT_CUDA(d_pos.upload(pos));
-    KVQ_ASSERT_CUDA(cudaGraphLaunch(exec, stream));
-    KVQ_ASSERT_CUDA(cudaStreamSynchronize(stream));
+    KVQ_ASSERT_CUDA(graph.replay());
     ASSERT_EQ(reference::append_kv(k.data(), v.data(), rows, slots.data(), TokenPositions{ids.data(), pos.data()},
                                    c.on_host()),
               cudaSuccess);
@@ -269,9 +267,6 @@ TYPED_TEST(GpuPaged, KeysPerChannelPageDecodeStepCapturedOnceReplays) {
     KVQ_ASSERT_CUDA(c.device.download(got));
     ASSERT_EQ(first_difference(got, c.host), -1) << "replay " << step;
   }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
 }
 
 TYPED_TEST(GpuPaged, DecodeStepOfManySequencesAndEightHeads) {
@@ -310,15 +305,9 @@ TYPED_TEST(GpuPaged, DecodeStepCapturedOnceReplaysWithNewContents) {
   DeviceBuffer<T> dk(kSeqs * heads * dim), dv(kSeqs * heads * dim);
   DeviceBuffer<std::int64_t> ds(kSeqs);
   ASSERT_TRUE(dk.get() && dv.get() && ds.get());
-  cudaStream_t stream;
-  KVQ_ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  KVQ_ASSERT_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  const cudaError_t captured = append_kv(dk.get(), dv.get(), rows, ds.get(), c.on_device(), nullptr, stream);
-  KVQ_ASSERT_CUDA(cudaStreamEndCapture(stream, &graph));
-  KVQ_ASSERT_CUDA(captured);
-  cudaGraphExec_t exec;
-  KVQ_ASSERT_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  CapturedCall graph;
+  KVQ_ASSERT_CUDA(graph.capture(
+      [&](cudaStream_t stream) { return append_kv(dk.get(), dv.get(), rows, ds.get(), c.on_device(), nullptr, stream); }));
   Traffic traffic(kSeqs, pages, page_size, 2, 5);
   for (int step = 0; step < 20; ++step) {  // 20 decode steps: pages fill and new ones are taken
     const std::vector<std::int64_t> slots = traffic.step(true, 1);
@@ -330,16 +319,12 @@ TYPED_TEST(GpuPaged, DecodeStepCapturedOnceReplaysWithNewContents) {
     KVQ_ASSERT_CUDA(dk.upload(k));
     KVQ_ASSERT_CUDA(dv.upload(v));
     KVQ_ASSERT_CUDA(ds.upload(fixed));
-    KVQ_ASSERT_CUDA(cudaGraphLaunch(exec, stream));
-    KVQ_ASSERT_CUDA(cudaStreamSynchronize(stream));
+    KVQ_ASSERT_CUDA(graph.replay());
     ASSERT_EQ(reference::append_kv(k.data(), v.data(), rows, fixed.data(), c.on_host()), cudaSuccess);
     std::vector<std::uint8_t> got;
     KVQ_ASSERT_CUDA(c.device.download(got));
     ASSERT_EQ(first_difference(got, c.host), -1) << "replay " << step;
   }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
 }
 
 TYPED_TEST(GpuPaged, UntrustedTablesAreSkippedAndCountedAsTheReference) {
