@@ -606,8 +606,9 @@ def ratio(num, den):
 def engine_markdown(rows, copy):
     lines = ["### Engine shapes: kvq vs torch.compile", "",
              "Per call inside CUDA graphs, both sides timed alike; cold = L2 flushed before each replay, hot = "
-             "replays back to back. Speedup = torch time / kvq time (> 1: kvq is faster); % = of the "
-             "device-to-device copy rate, at the cold time.", "",
+             "replays back to back. Speedup = torch time / kvq time (> 1: kvq is faster); % = the bytes "
+             "the op must move (MB: its input read and its output written, as kvq_bench counts them, "
+             "whatever either side moves besides) at the cold time, of the device-to-device copy rate.", "",
              "| dtype | shape | op | MB | kvq cold | torch.compile cold | kvq % copy | torch % copy | speedup cold | "
              "kvq hot | torch.compile hot | speedup hot | kvq op in torch cold / hot |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
