@@ -441,7 +441,7 @@ TEST(PagedValidation, BadCachesAreRefusedAndNothingIsTouched) {
 // Validation reads no byte of a cache, so its arrays may be addresses 1 GiB apart: a 1-page,
 // 1-token, 1-channel cache of kMaxKeysPerChannelPageHeads heads is valid, one more head is not.
 TEST(PagedValidation, KeysPerChannelCachesHaveAtMostMaxHeads) {
-  auto at = [](int gib) { return reinterpret_cast<std::int8_t*>(std::uintptr_t{1} << 30) + (std::int64_t{gib} << 30); };
+  auto at = [](int gib) { return reinterpret_cast<std::int8_t*>((std::uintptr_t{1} + gib) << 30); };  // GiB 1 + gib
   auto cache = [&](std::int64_t heads) {
     PagedCache c;
     c.num_pages = c.page_size = c.head_dim = c.max_seqs = 1;
